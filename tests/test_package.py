@@ -1,0 +1,5 @@
+import jaxspeech
+
+
+def test_version():
+    assert jaxspeech.__version__.count(".") == 2
