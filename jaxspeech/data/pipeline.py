@@ -1,0 +1,301 @@
+"""grain input pipeline: random-access records -> fixed-shape, length-bucketed batches.
+
+    pipe = make_pipeline(source, tokenizer, bucket_boundaries=[4 * 16000, 8 * 16000],
+                         batch_size=16, max_label_length=128, train=True, seed=0)
+    pipe.shapes()                 # every batch shape this pipeline can produce (pre-compile/assert)
+    it = iter(pipe)
+    batch = next(it)              # dict of numpy arrays (see `Pipeline`)
+    state = it.get_state()        # JSON-serializable; `it.set_state(state)` resumes exactly
+
+A source is any object with `__len__` and `__getitem__(i) -> record | None` (records: dict with
+`audio` float32 16 kHz mono, `text` str, `id` str). Lengths are scanned once up front
+(`scan_lengths`, cacheable), so the batch plan, its shapes, and the number of batches per epoch
+are known before the first batch and are identical on every process (see `bucketing`).
+
+Train mode: shuffled from `(seed, epoch)`, repeated (`num_epochs=None`: forever); the partial
+batch of each bucket is dropped (different examples each epoch) unless `drop_remainder=False`.
+Eval mode: one pass in index order; partial batches are padded with dummy rows (`audio_lengths`
+and `label_lengths` 0, `weight` 0), so every kept example is seen exactly once.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import threading
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import grain
+import jax
+import numpy as np
+
+from jaxspeech.data import bucketing
+from jaxspeech.data.bucketing import BucketSpec, Lengths
+
+STATE_VERSION = 1
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+
+def scan_lengths(
+    source, tokenizer: Tokenizer, *, num_threads: int = 2, cache_path: str | None = None
+) -> Lengths:
+    """Reads every record once: audio samples and label tokens per index (-1 for None records)."""
+    if cache_path is not None:
+        try:
+            cached = Lengths.load(cache_path)
+            if len(cached) == len(source):
+                return cached
+        except (OSError, ValueError, KeyError):
+            pass
+
+    def measure(i):
+        record = source[i]  # not `MapDataset.source`: grain drops None records silently
+        if record is None:
+            return (-1, -1)
+        return (int(np.shape(record["audio"])[0]), len(tokenizer.encode(record["text"])))
+
+    ds = grain.MapDataset.range(len(source)).map(measure)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=64))
+    arr = np.asarray(list(it), np.int64).reshape(-1, 2)
+    lengths = Lengths(arr[:, 0].copy(), arr[:, 1].copy())
+    if cache_path is not None:
+        lengths.save(cache_path)
+    return lengths
+
+
+class Pipeline:
+    """Bucketed batches over a random-access source (build with `make_pipeline`).
+
+    Batches: `audio [B,N] float32`, `audio_lengths [B] int32`, `labels [B,U] int32` (0-padded),
+    `label_lengths [B] int32`, `weight [B] float32` (1 real row, 0 padding row), `text [B]` and
+    `id [B]` (numpy object arrays; '' for padding rows). `(B, N, U)` is one of `shapes()`.
+    """
+
+    def __init__(
+        self,
+        source,
+        tokenizer: Tokenizer,
+        spec: BucketSpec,
+        *,
+        train: bool,
+        seed: int = 0,
+        num_epochs: int | None = None,
+        drop_remainder: bool | None = None,
+        process_index: int | None = None,
+        process_count: int | None = None,
+        num_threads: int = 2,
+        prefetch: int = 4,
+        num_workers: int = 0,
+        lengths: Lengths | None = None,
+        lengths_cache: str | None = None,
+    ):
+        self.source, self.tokenizer, self.spec = source, tokenizer, spec
+        self.train, self.seed = train, int(seed)
+        self.num_epochs = num_epochs if train else (1 if num_epochs is None else num_epochs)
+        self.drop_remainder = (train if drop_remainder is None else drop_remainder) and train
+        self.process_index = jax.process_index() if process_index is None else process_index
+        self.process_count = jax.process_count() if process_count is None else process_count
+        if not 0 <= self.process_index < self.process_count:
+            raise ValueError(f"process_index {self.process_index} not in [0, {self.process_count})")
+        self.num_threads, self.prefetch, self.num_workers = num_threads, prefetch, num_workers
+        if lengths is None:
+            lengths = scan_lengths(
+                source, tokenizer, num_threads=num_threads, cache_path=lengths_cache
+            )
+        if len(lengths) != len(source):
+            raise ValueError(f"{len(lengths)} lengths for a source of {len(source)} records")
+        self.lengths = lengths
+        self.buckets, self.reasons = bucketing.classify(lengths, spec)
+        self.label_widths = bucketing.label_widths(lengths, self.buckets, spec)
+        self._per_bucket = bucketing.batches_per_bucket(
+            self.buckets, spec, self.process_count, self.drop_remainder
+        )
+        self.batches_per_epoch = int(self._per_bucket.sum())
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"no batch can be formed: {self.stats()}")
+        self._plans: collections.OrderedDict[int, list] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    # ---- what the trainer needs to know up front ----
+    def shapes(self) -> list[dict[str, tuple[int, ...]]]:
+        """Every batch shape this pipeline can yield, one per bucket that yields batches."""
+        return [
+            {"audio": (b, n), "labels": (b, u)}
+            for k, (b, n, u) in enumerate(
+                zip(self.spec.batch_sizes, self.spec.boundaries, self.label_widths, strict=True)
+            )
+            if self._per_bucket[k] > 0
+        ]
+
+    def stats(self) -> dict[str, int]:
+        """Per-epoch counts over the whole source (all processes together)."""
+        counts = np.bincount(self.reasons, minlength=len(bucketing.REASONS))
+        gsizes = np.asarray(self.spec.batch_sizes) * self.process_count
+        rows = int((self._per_bucket * gsizes).sum())
+        kept = int(counts[bucketing.KEPT])
+        return {
+            "seen": len(self.lengths),
+            "yielded": min(rows, kept),  # real rows per epoch
+            **{r: int(counts[i]) for i, r in enumerate(bucketing.REASONS) if i != bucketing.KEPT},
+            "dropped_remainder": max(kept - rows, 0),
+            "padding_rows": max(rows - kept, 0),
+            "batches_per_epoch": self.batches_per_epoch,
+        }
+
+    def fingerprint(self) -> str:
+        """Identifies the batch plan; an iterator state only restores into the same plan."""
+        key = json.dumps(
+            [
+                len(self.lengths),
+                self.spec.boundaries,
+                self.spec.batch_sizes,
+                self.label_widths,
+                self.train,
+                self.seed,
+                self.num_epochs,
+                self.drop_remainder,
+                self.process_index,
+                self.process_count,
+                self.batches_per_epoch,
+            ]
+        )
+        return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+    # ---- batch construction ----
+    def _plan(self, epoch: int) -> list[tuple[int, np.ndarray]]:
+        with self._lock:
+            plan = self._plans.get(epoch)
+            if plan is None:
+                plan = bucketing.epoch_plan(
+                    self.buckets,
+                    self.spec,
+                    process_count=self.process_count,
+                    drop_remainder=self.drop_remainder,
+                    shuffle=self.train,
+                    seed=self.seed,
+                    epoch=epoch,
+                )
+                self._plans[epoch] = plan
+                while len(self._plans) > 2:
+                    self._plans.popitem(last=False)
+            return plan
+
+    def _make_batch(self, step: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        epoch, j = divmod(step, self.batches_per_epoch)
+        k, rows = self._plan(epoch)[j]
+        b, n, u = self.spec.batch_sizes[k], self.spec.boundaries[k], self.label_widths[k]
+        rows = rows[self.process_index * b : (self.process_index + 1) * b]
+        batch = {
+            "audio": np.zeros((b, n), np.float32),
+            "audio_lengths": np.zeros((b,), np.int32),
+            "labels": np.zeros((b, u), np.int32),
+            "label_lengths": np.zeros((b,), np.int32),
+            "weight": np.zeros((b,), np.float32),
+            "text": np.full((b,), "", object),
+            "id": np.full((b,), "", object),
+        }
+        failed = 0
+        for r, i in enumerate(rows):
+            if i < 0:
+                continue
+            record = self.source[int(i)]
+            ids = None if record is None else self.tokenizer.encode(record["text"])
+            if record is None or not 0 < len(record["audio"]) <= n or not 0 < len(ids) <= u:
+                failed += 1  # unreadable now, or differs from the scan: leave a padding row
+                continue
+            audio = np.asarray(record["audio"], np.float32)
+            batch["audio"][r, : audio.shape[0]] = audio
+            batch["audio_lengths"][r] = audio.shape[0]
+            batch["labels"][r, : len(ids)] = ids
+            batch["label_lengths"][r] = len(ids)
+            batch["weight"][r] = 1.0
+            batch["text"][r] = record["text"]
+            batch["id"][r] = str(record.get("id", i))
+        return batch, {"epoch": epoch, "examples": int(batch["weight"].sum()), "failed": failed}
+
+    def dataset(self) -> grain.IterDataset:
+        """The grain dataset of `(batch, info)` pairs behind `__iter__`."""
+        ds = grain.MapDataset.range(self.batches_per_epoch).repeat(self.num_epochs)
+        ds = ds.map_with_index(lambda step, _: self._make_batch(step))
+        read = grain.ReadOptions(num_threads=self.num_threads, prefetch_buffer_size=self.prefetch)
+        it_ds = ds.to_iter_dataset(read)
+        if self.num_workers > 0:
+            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
+        return it_ds
+
+    def __iter__(self) -> PipelineIterator:
+        return PipelineIterator(self)
+
+    def __getstate__(self):  # picklable for grain worker processes
+        state = dict(self.__dict__)
+        state.pop("_lock")
+        state["_plans"] = collections.OrderedDict()
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+class PipelineIterator:
+    """Checkpointable batch iterator. `get_state()` is a JSON-serializable dict:
+    `{"version", "fingerprint", "grain": <grain iterator state>, "counters": {...}}`.
+
+    Works with `grain.checkpoint.CheckpointSave/CheckpointRestore` (Orbax) or plain JSON.
+    """
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+        self._it = iter(pipeline.dataset())
+        self.counters = {"batches": 0, "examples": 0, "decode_failed": 0, "epoch": 0}
+
+    def __iter__(self) -> PipelineIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch, info = next(self._it)
+        c = self.counters
+        c["batches"] += 1
+        c["examples"] += info["examples"]
+        c["decode_failed"] += info["failed"]
+        c["epoch"] = info["epoch"]
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "fingerprint": self.pipeline.fingerprint(),
+            "grain": self._it.get_state(),
+            "counters": dict(self.counters),
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported pipeline state version {state.get('version')}")
+        if state["fingerprint"] != self.pipeline.fingerprint():
+            raise ValueError("iterator state belongs to a different pipeline configuration")
+        self._it.set_state(state["grain"])
+        self.counters = dict(state["counters"])
+
+
+def make_pipeline(
+    source,
+    tokenizer: Tokenizer,
+    *,
+    bucket_boundaries: Sequence[int],
+    batch_size: int | Sequence[int],
+    max_label_length: int,
+    train: bool,
+    label_pad_multiple: int = 8,
+    **kwargs,
+) -> Pipeline:
+    """Builds a `Pipeline`. `bucket_boundaries`: max audio samples per bucket (increasing; the last
+    is the maximum duration, longer utterances are filtered); `batch_size`: per-process batch size,
+    one for all buckets or one per bucket. Other keyword arguments: see `Pipeline`."""
+    spec = BucketSpec.create(bucket_boundaries, batch_size, max_label_length, label_pad_multiple)
+    return Pipeline(source, tokenizer, spec, train=train, **kwargs)

@@ -1,0 +1,221 @@
+"""Input pipeline: fixed shapes, filtering, exactly-once eval, determinism, restore, sharding."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxspeech.data import bucketing
+from jaxspeech.data.pipeline import make_pipeline
+
+BOUNDARIES = (800, 1600, 2400)
+BATCH = (8, 4, 2)
+MAX_LABEL = 24
+
+
+class CharTok:
+    def encode(self, text):
+        return [ord(c) - 96 if "a" <= c <= "z" else 27 for c in text]
+
+
+class MemSource:
+    """Random audio + text; some records too long, empty, or None (corrupt)."""
+
+    def __init__(self, n=150, seed=0, flaky=()):
+        rng = np.random.default_rng(seed)
+        self.records = []
+        for i in range(n):
+            num = int(rng.integers(1, 2800))  # > 2400: too long
+            text = "".join(rng.choice(list("abc d"), int(rng.integers(0, 30))))  # 0 / >24 filtered
+            audio = rng.uniform(-1, 1, num).astype(np.float32)
+            self.records.append({"audio": audio, "text": text, "id": f"utt{i}", "snr": 1.0})
+        for i in range(0, n, 37):
+            self.records[i] = None
+        self.flaky = set(flaky)  # readable during the length scan, None afterwards
+        self.scanned = False
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        if self.scanned and i in self.flaky:
+            return None
+        return self.records[i]
+
+
+def expected_kept(src):
+    kept, reasons = set(), {"too_long": 0, "empty": 0, "decode_failed": 0}
+    for r in src.records:
+        if r is None:
+            reasons["decode_failed"] += 1
+        elif len(r["audio"]) == 0 or len(r["text"]) == 0:
+            reasons["empty"] += 1
+        elif len(r["audio"]) > BOUNDARIES[-1] or len(r["text"]) > MAX_LABEL:
+            reasons["too_long"] += 1
+        else:
+            kept.add(r["id"])
+    return kept, reasons
+
+
+def pipe(src, **kw):
+    kw.setdefault("train", True)
+    return make_pipeline(
+        src,
+        CharTok(),
+        bucket_boundaries=BOUNDARIES,
+        batch_size=BATCH,
+        max_label_length=MAX_LABEL,
+        process_index=kw.pop("pi", 0),
+        process_count=kw.pop("pc", 1),
+        **kw,
+    )
+
+
+def ids(batch):
+    return [i for i, w in zip(batch["id"], batch["weight"], strict=True) if w > 0]
+
+
+@pytest.fixture(scope="module")
+def src():
+    return MemSource()
+
+
+def test_shapes_padding_and_labels(src):
+    p = pipe(src, seed=3)
+    shapes = {(s["audio"], s["labels"]) for s in p.shapes()}
+    assert len(shapes) == len(BOUNDARIES)
+    by_id = {r["id"]: r for r in src.records if r is not None}
+    it = iter(p)
+    for _ in range(2 * p.batches_per_epoch + 3):  # crosses epoch boundaries
+        b = next(it)
+        assert (b["audio"].shape, b["labels"].shape) in shapes
+        assert b["audio"].dtype == np.float32 and b["labels"].dtype == np.int32
+        assert b["audio_lengths"].dtype == np.int32 and b["label_lengths"].dtype == np.int32
+        for r, uid in enumerate(b["id"]):
+            rec, n, u = by_id[uid], b["audio_lengths"][r], b["label_lengths"][r]
+            assert n == len(rec["audio"]) and b["text"][r] == rec["text"]
+            np.testing.assert_array_equal(b["audio"][r, :n], rec["audio"])
+            assert not b["audio"][r, n:].any()
+            assert b["labels"][r, :u].tolist() == CharTok().encode(rec["text"])
+            assert not b["labels"][r, u:].any() and b["labels"][r, :u].min() >= 1
+    assert it.counters["epoch"] == 2
+
+
+def test_eval_exactly_once_and_filter_counts(src):
+    p = pipe(src, train=False)
+    kept, reasons = expected_kept(src)
+    seen, shapes = [], {(s["audio"], s["labels"]) for s in p.shapes()}
+    batches = list(p)
+    for b in batches:
+        assert (b["audio"].shape, b["labels"].shape) in shapes
+        pad = b["weight"] == 0
+        assert not b["audio_lengths"][pad].any() and not b["label_lengths"][pad].any()
+        assert not b["audio"][pad].any() and all(t == "" for t in b["text"][pad])
+        seen += ids(b)
+    assert len(batches) == p.batches_per_epoch
+    assert sorted(seen) == sorted(kept) and len(seen) == len(set(seen))
+    stats = p.stats()
+    assert {k: stats[k] for k in reasons} == reasons and min(reasons.values()) > 0
+    assert stats["seen"] == len(src) and stats["yielded"] == len(kept)
+    assert stats["dropped_remainder"] == 0 and stats["padding_rows"] > 0
+
+
+def test_train_drops_remainder_and_counts(src):
+    p = pipe(src, seed=0)
+    kept, _ = expected_kept(src)
+    epoch = [next(iter_) for iter_ in [iter(p)] for _ in range(p.batches_per_epoch)]
+    seen = [i for b in epoch for i in ids(b)]
+    assert len(seen) == len(set(seen)) == p.stats()["yielded"]
+    assert set(seen) <= kept and len(kept) - len(seen) == p.stats()["dropped_remainder"]
+    assert all(b["weight"].all() for b in epoch)
+
+
+def test_deterministic_shuffle(src):
+    def order(seed, n):
+        it = iter(pipe(src, seed=seed))
+        return [ids(next(it)) for _ in range(n)]
+
+    n = pipe(src).batches_per_epoch
+    a = order(0, 2 * n)
+    assert a == order(0, 2 * n)
+    assert a != order(1, 2 * n)
+    assert a[:n] != a[n:]  # reshuffled each epoch
+    assert set(sum(a[:n], [])) != set(sum(a[n:], []))  # different remainders dropped
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_exact_restore_mid_epoch(src, train):
+    p = pipe(src, train=train, seed=5, num_epochs=3 if train else None)
+    k = p.batches_per_epoch // 2 + (p.batches_per_epoch if train else 0)
+    it = iter(p)
+    for _ in range(k):
+        next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    rest = [ids(b) for b in it]
+    restored = iter(pipe(src, train=train, seed=5, num_epochs=3 if train else None))
+    restored.set_state(state)
+    assert restored.counters == state["counters"]
+    assert [ids(b) for b in restored] == rest and rest
+    with pytest.raises(ValueError, match="different pipeline"):
+        iter(pipe(src, train=train, seed=6, num_epochs=3 if train else None)).set_state(state)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_process_shards_disjoint_cover_and_lockstep(src, train):
+    pc = 3
+    pipes = [pipe(src, train=train, pi=i, pc=pc, seed=2, num_epochs=1) for i in range(pc)]
+    assert len({q.batches_per_epoch for q in pipes}) == 1
+    assert all(q.shapes() == pipes[0].shapes() for q in pipes)
+    runs = [list(q) for q in pipes]
+    for step in zip(*runs, strict=True):  # same shape on every process at every step
+        assert len({b["audio"].shape + b["labels"].shape for b in step}) == 1
+    shards = [{i for b in run for i in ids(b)} for run in runs]
+    for i in range(pc):
+        for j in range(i + 1, pc):
+            assert not shards[i] & shards[j]
+    union = set().union(*shards)
+    kept, _ = expected_kept(src)
+    if train:
+        assert union <= kept and len(union) == pipes[0].stats()["yielded"]
+    else:
+        assert union == kept
+
+
+def test_record_unreadable_after_scan_becomes_padding_row():
+    src = MemSource(n=60, seed=1)
+    kept, _ = expected_kept(src)
+    flaky = sorted(int(u[3:]) for u in kept)[:2]
+    src.flaky = set(flaky)
+    p = pipe(src, train=False)
+    src.scanned = True
+    it = iter(p)
+    seen = [i for b in it for i in ids(b)]
+    assert sorted(seen) == sorted(kept - {f"utt{i}" for i in flaky})
+    assert it.counters["decode_failed"] == 2 and it.counters["examples"] == len(seen)
+
+
+def test_bucket_spec_and_plan_validation():
+    with pytest.raises(ValueError):
+        bucketing.BucketSpec.create([100, 50], 2, 10)
+    with pytest.raises(ValueError):
+        bucketing.BucketSpec.create([100, 200], [2], 10)
+    spec = bucketing.BucketSpec.create([10, 20], [2, 1], 8, label_pad_multiple=4)
+    lengths = bucketing.Lengths(
+        np.array([5, 10, 11, 20, 21, 0, 3, -1]), np.array([1, 5, 2, 3, 1, 2, 9, -1])
+    )
+    buckets, reasons = bucketing.classify(lengths, spec)
+    assert buckets.tolist() == [0, 0, 1, 1, -1, -1, -1, -1]
+    assert reasons.tolist() == [0, 0, 0, 0, 1, 2, 1, 3]
+    assert bucketing.label_widths(lengths, buckets, spec) == (8, 4)
+    plan = bucketing.epoch_plan(
+        buckets, spec, process_count=2, drop_remainder=False, shuffle=False, seed=0, epoch=0
+    )
+    assert [(k, r.tolist()) for k, r in plan] == [(0, [0, 1, -1, -1]), (1, [2, 3])]
+
+
+def test_lengths_cache(tmp_path, src):
+    path = str(tmp_path / "lengths.npz")
+    p = pipe(src, lengths_cache=path)
+    cached = bucketing.Lengths.load(path)
+    np.testing.assert_array_equal(cached.num_samples, p.lengths.num_samples)
+    np.testing.assert_array_equal(cached.label_lengths, p.lengths.label_lengths)
