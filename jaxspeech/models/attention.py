@@ -1,0 +1,133 @@
+"""Chunked attention masks, rotary positions and multi-head self-attention with a KV cache.
+
+Positions: rotary embeddings (RoPE, Su et al. 2021) on queries and keys at absolute frame
+positions, so every attention score depends only on the relative distance i - j. With limited left
+context (left_chunks >= 0) a query only ever sees distances in
+[-(lookahead_chunks + 1) * chunk_size + 1, (left_chunks + 1) * chunk_size - 1], whatever the
+utterance length, so a model trained on utterances longer than that window meets no new distance at
+test time on arbitrarily long audio. With left_chunks = -1 distances are unbounded and RoPE
+extrapolation beyond the longest training utterance is not guaranteed (the usual RoPE caveat).
+Angles are computed in float32 from int32 positions, identically offline and streaming.
+
+Chunked mask: frame i in chunk c_i = i // chunk_size may attend to frame j iff
+c_i - left_chunks <= c_j <= c_i + lookahead_chunks (no lower bound for left_chunks = -1) and j is a
+valid (unpadded) frame.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxspeech.models.config import TransducerConfig, dense_init, zeros_init
+
+
+def chunk_mask(
+    num_frames: int, chunk_size: int, left_chunks: int, lookahead_chunks: int
+) -> jax.Array:
+    """Boolean [T, T] mask, True where query frame i may attend to key frame j."""
+    chunk = jnp.arange(num_frames) // chunk_size
+    diff = chunk[:, None] - chunk[None, :]  # c_i - c_j
+    allowed = diff >= -lookahead_chunks
+    if left_chunks >= 0:
+        allowed &= diff <= left_chunks
+    return allowed
+
+
+def length_mask(lengths: jax.Array, num_frames: int) -> jax.Array:
+    """Boolean [B, T], True for frames < lengths."""
+    return jnp.arange(num_frames)[None, :] < lengths[:, None]
+
+
+def rotary(x: jax.Array, positions: jax.Array) -> jax.Array:
+    """Rotate x [B, T, H, K] (K even) by angles positions [T] * theta_k, theta_k = 1e4^(-2k/K).
+
+    Uses the "rotate half" layout: pairs are (x[..., k], x[..., k + K/2]).
+    """
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, K/2]
+    cos = jnp.cos(angles)[None, :, None, :]
+    sin = jnp.sin(angles)[None, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Softmax attention. q [B,Tq,H,K], k/v [B,Tk,H,K], mask broadcastable to [B,H,Tq,Tk].
+
+    Scores and softmax run in float32. Fully masked rows (only padded queries) give finite garbage.
+    """
+    scale = q.shape[-1] ** -0.5
+    scores = jnp.einsum("bqhk,bthk->bhqt", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqt,bthk->bqhk", probs, v)
+
+
+KVCache = tuple[jax.Array, jax.Array]  # keys (rotated), values: [B, S, H, K] each
+
+
+class MultiHeadSelfAttention(nnx.Module):
+    """Multi-head self-attention with rotary positions; offline (`__call__`) and cached (`step`)."""
+
+    def __init__(self, cfg: TransducerConfig, *, rngs: nnx.Rngs):
+        d, h = cfg.d_model, cfg.num_heads
+        self.num_heads, self.head_dim = h, d // h
+        self.dtype = cfg.compute_dtype
+
+        def proj(einsum: str, shape, axes, bias_shape, bias_axes):
+            return nnx.Einsum(
+                einsum,
+                shape,
+                bias_shape,
+                dtype=cfg.compute_dtype,
+                param_dtype=cfg.params_dtype,
+                kernel_init=dense_init(axes),
+                bias_init=zeros_init(bias_axes),
+                rngs=rngs,
+            )
+
+        qkv = (
+            "btd,dhk->bthk",
+            (d, h, d // h),
+            ("embed", "heads", "kv"),
+            (h, d // h),
+            ("heads", "kv"),
+        )
+        self.query = proj(*qkv)
+        self.key = proj(*qkv)
+        self.value = proj(*qkv)
+        self.out = proj("bthk,hkd->btd", (h, d // h, d), ("heads", "kv", "embed"), (d,), ("embed",))
+        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+
+    def _qkv(self, x: jax.Array, positions: jax.Array):
+        q = rotary(self.query(x), positions)
+        k = rotary(self.key(x), positions)
+        return q, k, self.value(x)
+
+    def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
+        """x [B,T,D], mask bool broadcastable to [B,1,T,T], positions int [T] -> [B,T,D]."""
+        q, k, v = self._qkv(x, positions)
+        return self.dropout(self.out(attend(q, k, v, mask)))
+
+    def init_cache(self, batch: int, size: int) -> KVCache:
+        shape = (batch, size, self.num_heads, self.head_dim)
+        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+
+    def step(
+        self, cache: KVCache, x: jax.Array, positions: jax.Array, mask: jax.Array
+    ) -> tuple[KVCache, jax.Array]:
+        """One chunk against a rolling cache of the S most recent frames.
+
+        x [B,C,D]; positions int [C] (absolute); mask bool broadcastable to [B,1,C,S+C] over the
+        keys [cache; chunk]. Returns the cache holding the last S frames of [cache; chunk].
+        """
+        q, k, v = self._qkv(x, positions)
+        keys = jnp.concatenate([cache[0], k], axis=1)
+        values = jnp.concatenate([cache[1], v], axis=1)
+        out = self.dropout(self.out(attend(q, keys, values, mask)))
+        size = cache[0].shape[1]
+        return (keys[:, keys.shape[1] - size :], values[:, values.shape[1] - size :]), out

@@ -1,0 +1,131 @@
+"""`TransducerConfig` and the small conventions shared by every model module.
+
+Logical axis names (ARCHITECTURE.md): `batch`, `frames`, `embed`, `mlp`, `heads`, `kv`, `vocab`,
+`joint`, `conv_in`, `conv_out`. Model code never names mesh axes; the trainer maps these names to
+mesh axes with `nnx.logical_axis_rules` / `nnx.get_partition_spec`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TransducerConfig:
+    """Hyperparameters of a `TransformerTransducer` (all sizes in model units, not mesh units).
+
+    chunk_size is in encoder frames (40 ms each with 4x subsampling). left_chunks=-1 means unlimited
+    left context; streaming then keeps a cache of `max_stream_frames` encoder frames (see
+    `jaxspeech.models.encoder`), beyond which the oldest frames fall out of the attention window.
+    `max_stream_frames` is an addition to the ARCHITECTURE.md field list; it is unused when
+    left_chunks >= 0.
+    """
+
+    num_mels: int = 80
+    vocab_size: int
+    d_model: int = 256
+    num_heads: int = 4
+    mlp_dim: int = 1024
+    num_layers: int = 6
+    subsampling_factor: int = 4
+    subsampling_channels: int = 64
+    chunk_size: int = 8
+    left_chunks: int = 4
+    lookahead_chunks: int = 0
+    dropout: float = 0.1
+    predictor: str = "lstm"
+    predictor_dim: int = 256
+    predictor_layers: int = 1
+    stateless_context: int = 2
+    joint_dim: int = 256
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    max_stream_frames: int = 1024
+
+    def __post_init__(self):
+        f = self.subsampling_factor
+        if f < 1 or f & (f - 1):
+            raise ValueError(f"subsampling_factor must be a power of two, got {f}")
+        if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
+            raise ValueError("d_model / num_heads must be an even integer (rotary embeddings)")
+        if self.predictor not in ("lstm", "stateless"):
+            raise ValueError(f"predictor must be 'lstm' or 'stateless', got {self.predictor!r}")
+        if self.left_chunks < -1 or self.lookahead_chunks < 0 or self.chunk_size < 1:
+            raise ValueError("need chunk_size >= 1, left_chunks >= -1, lookahead_chunks >= 0")
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def params_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    @property
+    def num_subsampling_layers(self) -> int:
+        return self.subsampling_factor.bit_length() - 1
+
+
+def partitioned(init: nnx.Initializer, axes: Sequence[str | None]) -> nnx.Initializer:
+    """`nnx.with_partitioning(init, axes)`, usable with or without a mesh.
+
+    Under an active mesh (`jax.set_mesh`) with `nnx.use_eager_sharding(True)` (the Flax default)
+    parameters are created sharded through the active `nnx.logical_axis_rules`; without a mesh the
+    logical names are only recorded as metadata (read them with `nnx.get_partition_spec`), so
+    the model can be built on a laptop, in tests or under `nnx.eval_shape`.
+    """
+    eager = nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty
+    return nnx.with_partitioning(init, tuple(axes), eager_sharding=eager)
+
+
+def dense_init(axes: Sequence[str | None]) -> nnx.Initializer:
+    """LeCun-normal (fan-in) kernel initializer with logical axes."""
+    return partitioned(nnx.initializers.lecun_normal(), axes)
+
+
+def zeros_init(axes: Sequence[str | None]) -> nnx.Initializer:
+    return partitioned(nnx.initializers.zeros_init(), axes)
+
+
+def ones_init(axes: Sequence[str | None]) -> nnx.Initializer:
+    return partitioned(nnx.initializers.ones_init(), axes)
+
+
+def layer_norm(dim: int, cfg: TransducerConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """LayerNorm over `embed` with logical-axis metadata on scale and bias."""
+    return nnx.LayerNorm(
+        dim,
+        epsilon=1e-5,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.params_dtype,
+        scale_init=ones_init(("embed",)),
+        bias_init=zeros_init(("embed",)),
+        rngs=rngs,
+    )
+
+
+def dense(
+    d_in: int,
+    d_out: int,
+    axes: tuple[str | None, str | None],
+    cfg: TransducerConfig,
+    *,
+    rngs: nnx.Rngs,
+    use_bias: bool = True,
+) -> nnx.Linear:
+    """`nnx.Linear` in the config's dtypes; logical axes `(in, out)` on kernel, `(out,)` on bias."""
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=use_bias,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.params_dtype,
+        kernel_init=dense_init(axes),
+        bias_init=zeros_init((axes[1],)),
+        rngs=rngs,
+    )

@@ -1,0 +1,149 @@
+"""`TransformerTransducer`: feature normalization, subsampling, streaming encoder, predictor, joint.
+
+Offline: `encode`, `predict`, `joint.*`, `loss` (fused RNN-T loss, never materializing the
+[B,T,U+1,V] logits). Streaming: `encode_init_state(batch)`, `encode_step(state, feat_chunk)` with
+static shapes (jittable); for lookahead_chunks = 0 the concatenated step outputs equal `encode`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxspeech.models.attention import KVCache, length_mask
+from jaxspeech.models.config import TransducerConfig
+from jaxspeech.models.encoder import Encoder
+from jaxspeech.models.joint import Joint
+from jaxspeech.models.predictor import make_predictor
+from jaxspeech.models.subsampling import ConvSubsampling, SubsamplingState
+
+
+class FeatureStat(nnx.Variable):
+    """Non-trainable feature statistic (not an `nnx.Param`, so optimizers skip it)."""
+
+
+class FeatureNorm(nnx.Module):
+    """Global mean/variance normalization `(x - mean) / std` with `mean`, `std` of shape [F].
+
+    Defaults 0 / 1 (identity); the trainer sets them from training-data statistics, e.g.
+    `model.feature_norm.mean.value = mean`. They are saved with the model state.
+    """
+
+    def __init__(self, num_features: int):
+        self.mean = FeatureStat(jnp.zeros((num_features,), jnp.float32))
+        self.std = FeatureStat(jnp.ones((num_features,), jnp.float32))
+
+    def __call__(self, feats: jax.Array) -> jax.Array:
+        return (feats - self.mean.value) / self.std.value
+
+
+class StreamState(NamedTuple):
+    """Streaming encoder state (a pytree of fixed-shape arrays)."""
+
+    subsampling: SubsamplingState  # per conv layer: previous input frame
+    caches: tuple[KVCache, ...]  # per encoder layer: rolling keys/values [B, S, H, K]
+    offset: jax.Array  # int32 scalar: encoder frames emitted so far
+
+
+class TransformerTransducer(nnx.Module):
+    """Streaming Transformer transducer (see ARCHITECTURE.md, `jaxspeech.models`)."""
+
+    def __init__(self, cfg: TransducerConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.feature_norm = FeatureNorm(cfg.num_mels)
+        self.subsampling = ConvSubsampling(cfg, rngs=rngs)
+        self.encoder = Encoder(cfg, rngs=rngs)
+        self.predictor = make_predictor(cfg, rngs=rngs)
+        self.joint = Joint(cfg, rngs=rngs)
+
+    def _normalize(self, feats: jax.Array, feat_lengths: jax.Array) -> jax.Array:
+        x = self.feature_norm(feats.astype(jnp.float32))
+        return jnp.where(length_mask(feat_lengths, feats.shape[1])[..., None], x, 0.0)
+
+    def encode(
+        self,
+        feats: jax.Array,
+        feat_lengths: jax.Array,
+        *,
+        attn_gates: jax.Array | None = None,
+        ffn_gates: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """feats [B,T,F], feat_lengths [B] -> (enc [B,T//4,D], enc_lengths [B] = feat_lengths//4).
+
+        Encoder frames beyond enc_lengths are zero. Gates: [num_layers, B, T//4] or None.
+        """
+        x, enc_lengths = self.subsampling(self._normalize(feats, feat_lengths), feat_lengths)
+        enc = self.encoder(x, enc_lengths, attn_gates=attn_gates, ffn_gates=ffn_gates)
+        valid = length_mask(enc_lengths, enc.shape[1])[..., None]
+        return jnp.where(valid, enc, jnp.zeros_like(enc)), enc_lengths
+
+    def predict(self, labels: jax.Array) -> jax.Array:
+        """labels int [B,U] -> [B,U+1,P]; position 0 is the blank start symbol."""
+        return self.predictor(labels)
+
+    def loss(
+        self,
+        feats: jax.Array,
+        feat_lengths: jax.Array,
+        labels: jax.Array,
+        label_lengths: jax.Array,
+    ) -> jax.Array:
+        """Per-example RNN-T negative log-likelihood [B] (nats), via the fused joint + loss."""
+        from jaxspeech.losses import rnnt_loss_fused  # noqa: PLC0415 (lands with issue 2 losses)
+
+        enc, enc_lengths = self.encode(feats, feat_lengths)
+        enc_proj = self.joint.project_encoder(enc)
+        pred_proj = self.joint.project_predictor(self.predict(labels))
+        graphdef, joint_state = nnx.split(self.joint)
+
+        def joint_fn(e: jax.Array, p: jax.Array) -> jax.Array:
+            return nnx.merge(graphdef, joint_state)(e, p)
+
+        return rnnt_loss_fused(
+            enc_proj, pred_proj, joint_fn, labels, enc_lengths, label_lengths, blank_id=0
+        )
+
+    # Streaming ---------------------------------------------------------------------------------
+
+    @property
+    def feat_chunk_size(self) -> int:
+        """Feature frames per `encode_step` call (`chunk_size * subsampling_factor`)."""
+        return self.cfg.chunk_size * self.cfg.subsampling_factor
+
+    def encode_init_state(self, batch: int) -> StreamState:
+        """Zero state: zero left padding for the convolutions, empty KV caches, offset 0."""
+        return StreamState(
+            subsampling=self.subsampling.init_state(batch),
+            caches=self.encoder.init_cache(batch),
+            offset=jnp.zeros((), jnp.int32),
+        )
+
+    def encode_step(
+        self,
+        state: StreamState,
+        feat_chunk: jax.Array,
+        feat_chunk_lengths: jax.Array | None = None,
+    ) -> tuple[StreamState, jax.Array]:
+        """feat_chunk [B, chunk_size*factor, F] -> (state, enc [B, chunk_size, D]).
+
+        `feat_chunk_lengths` [B] (optional, an addition to the contract): valid feature frames in
+        this chunk, for a final partial chunk; frames beyond it are masked exactly as `encode`
+        masks padding, so the valid outputs still equal `encode`.
+        """
+        b, n, _ = feat_chunk.shape
+        if n != self.feat_chunk_size:
+            raise ValueError(f"feat_chunk has {n} frames, expected {self.feat_chunk_size}")
+        lengths = jnp.full((b,), n, jnp.int32) if feat_chunk_lengths is None else feat_chunk_lengths
+        sub_state, x = self.subsampling.step(
+            state.subsampling, self._normalize(feat_chunk, lengths)
+        )
+        valid = (
+            None
+            if feat_chunk_lengths is None
+            else feat_chunk_lengths // self.cfg.subsampling_factor
+        )
+        caches, enc = self.encoder.step(state.caches, x, state.offset, valid)
+        return StreamState(sub_state, caches, state.offset + self.cfg.chunk_size), enc
