@@ -1,0 +1,126 @@
+"""The train state, created directly sharded on the mesh.
+
+The state is a plain dict (so Orbax saves it as is):
+  step       int32 scalar
+  params     nnx.State of the model's `nnx.Param`s (float32)
+  rest       nnx.State of everything else in the model (feature_norm mean/std, RNG streams)
+  opt_state  optax state for `params`
+
+`graphdef` (the model's static structure) stays outside; `nnx.merge(graphdef, params, rest)` in the
+jitted step rebuilds the model. Creation: `nnx.eval_shape` of the init gives the abstract state and
+its logical axes, the config's rules give NamedShardings, and `jax.jit(init, out_shardings=...)`
+materializes every array already in place (nothing is built on one device first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxspeech.models import TransducerConfig, TransformerTransducer
+from jaxspeech.train import sharding as sharding_lib
+
+
+def model_config(model_cfg, *, vocab_size: int, bf16: bool = False) -> TransducerConfig:
+    """TransducerConfig from the config's model section (vocab_size=-1: from the tokenizer)."""
+    fields = dict(model_cfg)
+    if fields.get("vocab_size", -1) in (-1, 0, None):
+        fields["vocab_size"] = int(vocab_size)
+    if bf16:
+        fields.update(dtype="bfloat16", param_dtype="float32")
+    known = {f.name for f in dataclasses.fields(TransducerConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"config.model has fields TransducerConfig does not know: {unknown}")
+    return TransducerConfig(**fields)
+
+
+def learning_rate_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
+    """Linear warm-up to `learning_rate`, then cosine decay, inverse square root, or constant."""
+    peak, warmup = float(optim_cfg.learning_rate), max(int(optim_cfg.warmup_steps), 1)
+    kind = optim_cfg.schedule
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, peak, warmup, max(num_steps, warmup + 1),
+            end_value=peak * optim_cfg.end_lr_fraction,
+        )
+    if kind == "rsqrt":
+        def rsqrt(step):
+            step = jnp.maximum(jnp.asarray(step, jnp.float32), 1.0)
+            return peak * jnp.minimum(step / warmup, jnp.sqrt(warmup / step))
+        return rsqrt
+    if kind == "constant":
+        return optax.linear_schedule(0.0, peak, warmup)
+    raise ValueError(f"optim.schedule must be 'cosine', 'rsqrt' or 'constant', got {kind!r}")
+
+
+def make_optimizer(optim_cfg, num_steps: int):
+    """Global-norm clipping then AdamW; weight decay only on matrices (not biases, norms)."""
+    schedule = learning_rate_schedule(optim_cfg, num_steps)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    tx = optax.chain(
+        optax.clip_by_global_norm(float(optim_cfg.grad_clip_norm)),
+        optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                    weight_decay=optim_cfg.weight_decay, mask=decay_mask),
+    )
+    return tx, schedule
+
+
+def _build(cfg: TransducerConfig, seed: int, mean=None, std=None) -> TransformerTransducer:
+    model = TransformerTransducer(cfg, rngs=nnx.Rngs(seed))
+    if mean is not None:
+        model.feature_norm.mean.value = jnp.asarray(mean, jnp.float32)
+        model.feature_norm.std.value = jnp.asarray(std, jnp.float32)
+    return model
+
+
+def abstract_model(cfg: TransducerConfig, seed: int = 0) -> TransformerTransducer:
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: _build(cfg, seed))
+
+
+def create_train_state(cfg: TransducerConfig, tx: optax.GradientTransformation,
+                       mesh: jax.sharding.Mesh, rules, *, seed: int = 0,
+                       feature_mean=None, feature_std=None):
+    """Returns (graphdef, state, state_shardings) with `state` materialized sharded on `mesh`."""
+    num_mels = cfg.num_mels
+    mean = np.zeros(num_mels, np.float32) if feature_mean is None else feature_mean
+    std = np.ones(num_mels, np.float32) if feature_std is None else feature_std
+
+    def init(mean, std):
+        with nnx.use_eager_sharding(False):
+            model = _build(cfg, seed, mean, std)
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
+                "opt_state": tx.init(params)}
+
+    graphdef = nnx.graphdef(abstract_model(cfg, seed))
+    abstract = jax.eval_shape(init, mean, std)
+    shardings = sharding_lib.tree_shardings(abstract, mesh, rules)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    with jax.set_mesh(mesh):
+        state = jax.jit(init, in_shardings=(replicated, replicated), out_shardings=shardings)(
+            jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32))
+    return graphdef, state, shardings
+
+
+def merge_model(graphdef, state) -> TransformerTransducer:
+    """The nnx model held by a train state (host-side use: evaluation, export)."""
+    return nnx.merge(graphdef, state["params"], state["rest"])
+
+
+def param_shapes(state) -> dict[str, list[int]]:
+    """{'encoder/layers/0/attn/query/kernel': [256, 4, 64], ...} for compatibility checks."""
+    flat = nnx.to_flat_state(state["params"]) if hasattr(nnx, "to_flat_state") else None
+    if flat is None:
+        flat = state["params"].flat_state()
+    return {"/".join(map(str, path)): list(np.shape(v)) for path, v in flat}
+
+
+def count_params(state) -> int:
+    return int(sum(np.prod(np.shape(x)) for x in jax.tree.leaves(state["params"])))

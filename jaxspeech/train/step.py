@@ -1,0 +1,108 @@
+"""Jitted train and eval steps.
+
+Features are computed on device inside the step (`features.log_mel`, plus `spec_augment` when
+training). Loss normalization: the per-utterance RNN-T negative log-likelihood (nats, summed over
+the utterance's lattice) is averaged over the *valid* utterances of the global batch (padding rows
+have audio_lengths == 0). `loss_per_token` (the same total divided by the number of label tokens)
+is reported as a metric.
+
+Non-finite loss or gradients: the update is not applied (the state passes through unchanged) and
+`finite` is 0 in the metrics; the host loop then fails fast naming the step (`nonfinite='fail'`).
+A skip-and-count policy only needs a different host reaction.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxspeech import features
+
+BATCH_KEYS = ("audio", "audio_lengths", "labels", "label_lengths")
+
+
+def _features(batch, feature_cfg, spec_augment_cfg, key):
+    feats, feat_lengths = features.log_mel(batch["audio"], batch["audio_lengths"], feature_cfg)
+    if key is not None and spec_augment_cfg is not None and spec_augment_cfg.get("enabled", False):
+        feats = features.spec_augment(
+            key, feats, feat_lengths,
+            num_freq_masks=spec_augment_cfg["num_freq_masks"],
+            max_freq_width=spec_augment_cfg["max_freq_width"],
+            num_time_masks=spec_augment_cfg["num_time_masks"],
+            max_time_frac=spec_augment_cfg["max_time_frac"],
+        )
+    return feats, feat_lengths
+
+
+def _loss_sums(model, batch, feats, feat_lengths):
+    per_example = model.loss(feats, feat_lengths, batch["labels"], batch["label_lengths"])
+    valid = (batch["audio_lengths"] > 0).astype(jnp.float32)
+    per_example = per_example.astype(jnp.float32) * valid
+    num_tokens = jnp.sum(batch["label_lengths"].astype(jnp.float32) * valid)
+    return jnp.sum(per_example), jnp.sum(valid), num_tokens
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, feature_cfg,
+                    spec_augment_cfg=None, seed: int = 0, state_shardings=None,
+                    batch_sharding=None):
+    """Returns `train_step(state, batch) -> (state, metrics)`, jitted with donation of `state`."""
+    spec_augment_cfg = None if spec_augment_cfg is None else dict(spec_augment_cfg)
+    base_key = jax.random.key(seed)
+
+    def train_step(state, batch):
+        step = state["step"]
+        key = jax.random.fold_in(base_key, step)
+        feats, feat_lengths = _features(batch, feature_cfg, spec_augment_cfg, key)
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, state["rest"])
+            model.train()
+            total, count, tokens = _loss_sums(model, batch, feats, feat_lengths)
+            _, _, rest = nnx.split(model, nnx.Param, ...)
+            return total / jnp.maximum(count, 1.0), (rest, total, count, tokens)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (rest, total, count, tokens)), grads = grad_fn(state["params"])
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new = {"step": step + 1, "params": params, "rest": rest, "opt_state": opt_state}
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # Keep the old state on a non-finite step (only the step counter and RNG advance).
+        kept = {"step": step + 1, "params": state["params"], "rest": rest,
+                "opt_state": state["opt_state"]}
+        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept)
+        metrics = {
+            "loss": loss,
+            "loss_per_token": total / jnp.maximum(tokens, 1.0),
+            "grad_norm": grad_norm,
+            "learning_rate": schedule(step),
+            "num_utterances": count,
+            "finite": finite.astype(jnp.float32),
+        }
+        return new, metrics
+
+    kwargs = {}
+    if state_shardings is not None:
+        batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
+        kwargs = dict(in_shardings=(state_shardings, batch_shardings),
+                      out_shardings=(state_shardings, None))
+    return jax.jit(train_step, donate_argnums=(0,), **kwargs)
+
+
+def make_eval_step(graphdef, *, feature_cfg, state_shardings=None, batch_sharding=None):
+    """Returns `eval_step(state, batch) -> {'loss_sum', 'num_utterances', 'num_tokens'}`."""
+
+    def eval_step(state, batch):
+        feats, feat_lengths = _features(batch, feature_cfg, None, None)
+        model = nnx.merge(graphdef, state["params"], state["rest"])
+        model.eval()
+        total, count, tokens = _loss_sums(model, batch, feats, feat_lengths)
+        return {"loss_sum": total, "num_utterances": count, "num_tokens": tokens}
+
+    kwargs = {}
+    if state_shardings is not None:
+        kwargs = dict(in_shardings=(state_shardings, {k: batch_sharding for k in BATCH_KEYS}))
+    return jax.jit(eval_step, **kwargs)
