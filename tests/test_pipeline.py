@@ -219,3 +219,33 @@ def test_lengths_cache(tmp_path, src):
     cached = bucketing.Lengths.load(path)
     np.testing.assert_array_equal(cached.num_samples, p.lengths.num_samples)
     np.testing.assert_array_equal(cached.label_lengths, p.lengths.label_lengths)
+
+
+def test_orbax_checkpoint_round_trip(tmp_path, src):
+    import grain
+    import orbax.checkpoint as ocp
+
+    p = pipe(src, seed=7)
+    it = iter(p)
+    for _ in range(5):
+        next(it)
+    handlers = {"data": grain.checkpoint.CheckpointHandler()}
+    with ocp.CheckpointManager(tmp_path, item_names=("data",), item_handlers=handlers) as mngr:
+        mngr.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        mngr.wait_until_finished()
+    expected = [ids(next(it)) for _ in range(4)]
+    restored = iter(pipe(src, seed=7))
+    with ocp.CheckpointManager(tmp_path, item_names=("data",), item_handlers=handlers) as mngr:
+        mngr.restore(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+    assert restored.step == 5 and [ids(next(restored)) for _ in range(4)] == expected
+
+
+def test_worker_processes_same_batches_and_portable_state(src):
+    it = iter(pipe(src, seed=4, num_threads=1))
+    expected = [ids(next(it)) for _ in range(12)]
+    with iter(pipe(src, seed=4, num_workers=2)) as mp_it:
+        assert [ids(next(mp_it)) for _ in range(6)] == expected[:6]
+        state = mp_it.get_state()
+    with iter(pipe(src, seed=4, num_workers=1)) as resumed:
+        resumed.set_state(state)
+        assert [ids(next(resumed)) for _ in range(6)] == expected[6:]

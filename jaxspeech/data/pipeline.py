@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -30,6 +31,7 @@ from typing import Any, Protocol
 import grain
 import jax
 import numpy as np
+from absl import flags
 
 from jaxspeech.data import bucketing
 from jaxspeech.data.bucketing import BucketSpec, Lengths
@@ -218,13 +220,15 @@ class Pipeline:
             batch["id"][r] = str(record.get("id", i))
         return batch, {"epoch": epoch, "examples": int(batch["weight"].sum()), "failed": failed}
 
-    def dataset(self) -> grain.IterDataset:
-        """The grain dataset of `(batch, info)` pairs behind `__iter__`."""
-        ds = grain.MapDataset.range(self.batches_per_epoch).repeat(self.num_epochs)
-        ds = ds.map_with_index(lambda step, _: self._make_batch(step))
+    def dataset(self, start: int = 0) -> grain.IterDataset:
+        """The grain dataset of `(batch, info)` pairs for global steps `start, start + 1, ...`."""
+        stop = sys.maxsize if self.num_epochs is None else self.num_epochs * self.batches_per_epoch
+        ds = grain.MapDataset.range(min(start, stop), stop).map(self._make_batch)
         read = grain.ReadOptions(num_threads=self.num_threads, prefetch_buffer_size=self.prefetch)
         it_ds = ds.to_iter_dataset(read)
         if self.num_workers > 0:
+            if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
+                flags.FLAGS.mark_as_parsed()
             it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.num_workers))
         return it_ds
 
@@ -242,23 +246,27 @@ class Pipeline:
         self._lock = threading.Lock()
 
 
-class PipelineIterator:
-    """Checkpointable batch iterator. `get_state()` is a JSON-serializable dict:
-    `{"version", "fingerprint", "grain": <grain iterator state>, "counters": {...}}`.
+class PipelineIterator(grain.DatasetIterator):
+    """Checkpointable batch iterator over a `Pipeline`.
 
-    Works with `grain.checkpoint.CheckpointSave/CheckpointRestore` (Orbax) or plain JSON.
+    `get_state()` is a small JSON-serializable dict `{"version", "fingerprint", "step",
+    "counters"}`: `step` is the number of global batches consumed, which determines everything
+    that follows (the plan is a pure function of the step), so `set_state` resumes exactly, even
+    with a different `num_threads` / `num_workers`. It works with grain's Orbax handler
+    (`grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`) or as plain JSON.
     """
 
-    def __init__(self, pipeline: Pipeline):
+    def __init__(self, pipeline: Pipeline, start: int = 0):
+        super().__init__()
         self.pipeline = pipeline
-        self._it = iter(pipeline.dataset())
+        self.step = start
         self.counters = {"batches": 0, "examples": 0, "decode_failed": 0, "epoch": 0}
-
-    def __iter__(self) -> PipelineIterator:
-        return self
+        self._it = iter(pipeline.dataset(start))
 
     def __next__(self) -> dict[str, np.ndarray]:
+        self._assert_not_closed()
         batch, info = next(self._it)
+        self.step += 1
         c = self.counters
         c["batches"] += 1
         c["examples"] += info["examples"]
@@ -270,7 +278,7 @@ class PipelineIterator:
         return {
             "version": STATE_VERSION,
             "fingerprint": self.pipeline.fingerprint(),
-            "grain": self._it.get_state(),
+            "step": self.step,
             "counters": dict(self.counters),
         }
 
@@ -279,8 +287,25 @@ class PipelineIterator:
             raise ValueError(f"unsupported pipeline state version {state.get('version')}")
         if state["fingerprint"] != self.pipeline.fingerprint():
             raise ValueError("iterator state belongs to a different pipeline configuration")
-        self._it.set_state(state["grain"])
+        self._it.close()
+        self.step = int(state["step"])
         self.counters = dict(state["counters"])
+        self._it = iter(self.pipeline.dataset(self.step))
+
+    def start_prefetch(self) -> None:
+        self._it.start_prefetch()
+
+    def close(self) -> None:
+        """Stops grain's prefetch threads / worker processes."""
+        if getattr(self, "_it", None) is not None:
+            self._it.close()
+        super().close()
+
+    def __enter__(self) -> PipelineIterator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def make_pipeline(
