@@ -124,7 +124,8 @@ def _logprobs_bwd(blank_id, res, g):
     num_labels = labels.shape[1]
     total = g_blank.at[:, :, :num_labels].add(g_label)
     p = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
-    gx = -p * total[..., None]
+    # where(), not a product: padding rows (total == 0) may hold inf/NaN logits.
+    gx = jnp.where(total[..., None] == 0, 0.0, -p * total[..., None])
     gx = gx.at[..., blank_id].add(g_blank)
     bi, ti, ui = jnp.meshgrid(jnp.arange(b), jnp.arange(t), jnp.arange(num_labels), indexing="ij")
     gx = gx.at[bi, ti, ui, labels[:, None, :]].add(g_label, mode="promise_in_bounds")
