@@ -1,5 +1,6 @@
 """Input pipeline: fixed shapes, filtering, exactly-once eval, determinism, restore, sharding."""
 
+import collections
 import json
 
 import numpy as np
@@ -7,32 +8,53 @@ import pytest
 
 from jaxspeech.data import bucketing
 from jaxspeech.data.pipeline import make_pipeline
+from jaxspeech.data.tokenizers import CharTokenizer
 
 BOUNDARIES = (800, 1600, 2400)
 BATCH = (8, 4, 2)
 MAX_LABEL = 24
 
 
-class CharTok:
-    def encode(self, text):
-        return [ord(c) - 96 if "a" <= c <= "z" else 27 for c in text]
+TOK = CharTokenizer(list("abcd "))
+CATEGORIES = ("kept", "too_long", "long_label", "empty", "empty_text", "unencodable", "none")
+
+
+def make_text(rng, length):
+    """Letters a-d with single inner spaces: already normalized, so `length` tokens."""
+    chars = list(rng.choice(list("abcd"), length))
+    for j in range(1, length - 1):
+        if chars[j - 1] != " " and rng.random() < 0.2:
+            chars[j] = " "
+    return "".join(chars)
 
 
 class MemSource:
-    """Random audio + text; some records too long, empty, or None (corrupt)."""
+    """In-memory records of known category: kept, too long (audio or label), empty (audio or
+    text), unencodable text, None (corrupt). `flaky` indices read as None after `scanned`."""
 
-    def __init__(self, n=150, seed=0, flaky=()):
+    def __init__(self, n=150, seed=0):
         rng = np.random.default_rng(seed)
-        self.records = []
+        self.records, self.categories = [], []
         for i in range(n):
-            num = int(rng.integers(1, 2800))  # > 2400: too long
-            text = "".join(rng.choice(list("abc d"), int(rng.integers(0, 30))))  # 0 / >24 filtered
+            cat = CATEGORIES[0] if rng.random() < 0.6 else rng.choice(CATEGORIES[1:])
+            num = int(
+                rng.integers(BOUNDARIES[-1] + 1, 3000)
+                if cat == "too_long"
+                else 0
+                if cat == "empty"
+                else rng.integers(1, BOUNDARIES[-1] + 1)
+            )
+            text = make_text(rng, int(rng.integers(1, MAX_LABEL + 1)))
+            text = {
+                "long_label": make_text(rng, MAX_LABEL + 5),
+                "empty_text": " ?! ",
+                "unencodable": text + "x",
+            }.get(cat, text)
             audio = rng.uniform(-1, 1, num).astype(np.float32)
-            self.records.append({"audio": audio, "text": text, "id": f"utt{i}", "snr": 1.0})
-        for i in range(0, n, 37):
-            self.records[i] = None
-        self.flaky = set(flaky)  # readable during the length scan, None afterwards
-        self.scanned = False
+            record = {"audio": audio, "text": text, "id": f"utt{i}", "snr": 1.0}
+            self.records.append(None if cat == "none" else record)
+            self.categories.append(str(cat))
+        self.flaky, self.scanned = set(), False
 
     def __len__(self):
         return len(self.records)
@@ -44,16 +66,14 @@ class MemSource:
 
 
 def expected_kept(src):
-    kept, reasons = set(), {"too_long": 0, "empty": 0, "decode_failed": 0}
-    for r in src.records:
-        if r is None:
-            reasons["decode_failed"] += 1
-        elif len(r["audio"]) == 0 or len(r["text"]) == 0:
-            reasons["empty"] += 1
-        elif len(r["audio"]) > BOUNDARIES[-1] or len(r["text"]) > MAX_LABEL:
-            reasons["too_long"] += 1
-        else:
-            kept.add(r["id"])
+    kept = {f"utt{i}" for i, c in enumerate(src.categories) if c == "kept"}
+    n = collections.Counter(src.categories)
+    reasons = {
+        "too_long": n["too_long"] + n["long_label"],
+        "empty": n["empty"] + n["empty_text"],
+        "unencodable": n["unencodable"],
+        "decode_failed": n["none"],
+    }
     return kept, reasons
 
 
@@ -61,7 +81,7 @@ def pipe(src, **kw):
     kw.setdefault("train", True)
     return make_pipeline(
         src,
-        CharTok(),
+        TOK,
         bucket_boundaries=BOUNDARIES,
         batch_size=BATCH,
         max_label_length=MAX_LABEL,
@@ -96,7 +116,7 @@ def test_shapes_padding_and_labels(src):
             assert n == len(rec["audio"]) and b["text"][r] == rec["text"]
             np.testing.assert_array_equal(b["audio"][r, :n], rec["audio"])
             assert not b["audio"][r, n:].any()
-            assert b["labels"][r, :u].tolist() == CharTok().encode(rec["text"])
+            assert b["labels"][r, :u].tolist() == TOK.encode(rec["text"])
             assert not b["labels"][r, u:].any() and b["labels"][r, :u].min() >= 1
     assert it.counters["epoch"] == 2
 

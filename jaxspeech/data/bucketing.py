@@ -20,13 +20,19 @@ from collections.abc import Sequence
 import numpy as np
 
 # Reasons an example is left out of every epoch (index into `Lengths.filter_reasons`).
-KEPT, TOO_LONG, EMPTY, DECODE_FAILED = 0, 1, 2, 3
-REASONS = ("kept", "too_long", "empty", "decode_failed")
+KEPT, TOO_LONG, EMPTY, DECODE_FAILED, UNENCODABLE = 0, 1, 2, 3, 4
+REASONS = ("kept", "too_long", "empty", "decode_failed", "unencodable")
+# Codes in `Lengths.label_lengths`: the record was None / the tokenizer rejected the text.
+NO_RECORD, NOT_ENCODABLE = -1, -2
 
 
 @dataclasses.dataclass(frozen=True)
 class Lengths:
-    """Per-example `num_samples[i]` (audio) and `label_lengths[i]` (tokens); -1: record was None."""
+    """Per-example `num_samples[i]` (audio) and `label_lengths[i]` (tokens).
+
+    Both are `NO_RECORD` (-1) where the record was None; `label_lengths` is `NOT_ENCODABLE` (-2)
+    where the tokenizer rejected the text (a character outside its vocabulary).
+    """
 
     num_samples: np.ndarray
     label_lengths: np.ndarray
@@ -95,7 +101,8 @@ def classify(lengths: Lengths, spec: BucketSpec) -> tuple[np.ndarray, np.ndarray
     reasons = np.full(len(lengths), KEPT, np.int8)
     reasons[(n > spec.boundaries[-1]) | (u > spec.max_label_length)] = TOO_LONG
     reasons[(n == 0) | (u == 0)] = EMPTY
-    reasons[(n < 0) | (u < 0)] = DECODE_FAILED
+    reasons[u == NOT_ENCODABLE] = UNENCODABLE
+    reasons[(n == NO_RECORD) | (u == NO_RECORD)] = DECODE_FAILED
     buckets = np.searchsorted(np.asarray(spec.boundaries), n, side="left").astype(np.int64)
     buckets[reasons != KEPT] = -1
     return buckets, reasons

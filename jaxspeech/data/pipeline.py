@@ -43,6 +43,23 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
 
+def encode_or_none(tokenizer: Tokenizer, text: str) -> list[int] | None:
+    """`tokenizer.encode(text)`, or None where the tokenizer rejects it (`ValueError`)."""
+    try:
+        return tokenizer.encode(text)
+    except ValueError:
+        return None
+
+
+def label_length(tokenizer: Tokenizer, text: str) -> int:
+    """Token count; 0 for a text that is empty (the tokenizers raise on those), or
+    `bucketing.NOT_ENCODABLE` for one with characters outside the vocabulary."""
+    ids = encode_or_none(tokenizer, text)
+    if ids is not None:
+        return len(ids)
+    return bucketing.NOT_ENCODABLE if any(c.isalnum() for c in text) else 0
+
+
 def scan_lengths(
     source, tokenizer: Tokenizer, *, num_threads: int = 2, cache_path: str | None = None
 ) -> Lengths:
@@ -58,8 +75,8 @@ def scan_lengths(
     def measure(i):
         record = source[i]  # not `MapDataset.source`: grain drops None records silently
         if record is None:
-            return (-1, -1)
-        return (int(np.shape(record["audio"])[0]), len(tokenizer.encode(record["text"])))
+            return (bucketing.NO_RECORD, bucketing.NO_RECORD)
+        return (int(np.shape(record["audio"])[0]), label_length(tokenizer, record["text"]))
 
     ds = grain.MapDataset.range(len(source)).map(measure)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=64))
@@ -206,8 +223,8 @@ class Pipeline:
             if i < 0:
                 continue
             record = self.source[int(i)]
-            ids = None if record is None else self.tokenizer.encode(record["text"])
-            if record is None or not 0 < len(record["audio"]) <= n or not 0 < len(ids) <= u:
+            ids = None if record is None else encode_or_none(self.tokenizer, record["text"])
+            if ids is None or not 0 < len(record["audio"]) <= n or not 0 < len(ids) <= u:
                 failed += 1  # unreadable now, or differs from the scan: leave a padding row
                 continue
             audio = np.asarray(record["audio"], np.float32)
