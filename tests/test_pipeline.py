@@ -260,6 +260,7 @@ def test_orbax_checkpoint_round_trip(tmp_path, src):
     assert restored.step == 5 and [ids(next(restored)) for _ in range(4)] == expected
 
 
+@pytest.mark.slow  # spawns grain worker processes (5-15 s on 2 shared cores)
 def test_worker_processes_same_batches_and_portable_state(src):
     it = iter(pipe(src, seed=4, num_threads=1))
     expected = [ids(next(it)) for _ in range(12)]
