@@ -74,8 +74,8 @@ def make_optimizer(optim_cfg, num_steps: int):
 def _build(cfg: TransducerConfig, seed: int, mean=None, std=None) -> TransformerTransducer:
     model = TransformerTransducer(cfg, rngs=nnx.Rngs(seed))
     if mean is not None:
-        model.feature_norm.mean.value = jnp.asarray(mean, jnp.float32)
-        model.feature_norm.std.value = jnp.asarray(std, jnp.float32)
+        model.feature_norm.mean[...] = jnp.asarray(mean, jnp.float32)
+        model.feature_norm.std[...] = jnp.asarray(std, jnp.float32)
     return model
 
 

@@ -65,7 +65,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, fea
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (rest, total, count, tokens)), grads = grad_fn(state["params"])
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new = {"step": step + 1, "params": params, "rest": rest, "opt_state": opt_state}
