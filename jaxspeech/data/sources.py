@@ -113,7 +113,8 @@ class TfdsSource:
                     f"TFDS dataset {self.name!r} at {where} has no split {part!r}; "
                     f"it has {sorted(known)}"
                 )
-        audio = builder.info.features.get("audio") or builder.info.features.get("speech")
+        features = builder.info.features
+        audio = features["audio"] if "audio" in features else features["speech"]
         self._sample_rate = getattr(audio, "sample_rate", None) or SAMPLE_RATE
         self._source = builder.as_data_source(split=self.split)
 
