@@ -122,7 +122,7 @@ def test_shapes_padding_and_labels(src):
 
 
 def test_eval_exactly_once_and_filter_counts(src):
-    p = pipe(src, train=False)
+    p = pipe(src, train=False, extra_keys=("snr",))
     kept, reasons = expected_kept(src)
     seen, shapes = [], {(s["audio"], s["labels"]) for s in p.shapes()}
     batches = list(p)
@@ -131,6 +131,7 @@ def test_eval_exactly_once_and_filter_counts(src):
         pad = b["weight"] == 0
         assert not b["audio_lengths"][pad].any() and not b["label_lengths"][pad].any()
         assert not b["audio"][pad].any() and all(t == "" for t in b["text"][pad])
+        assert b["snr"].tolist() == [None if p else 1.0 for p in pad]
         seen += ids(b)
     assert len(batches) == p.batches_per_epoch
     assert sorted(seen) == sorted(kept) and len(seen) == len(set(seen))
@@ -178,6 +179,9 @@ def test_exact_restore_mid_epoch(src, train):
     assert [ids(b) for b in restored] == rest and rest
     with pytest.raises(ValueError, match="different pipeline"):
         iter(pipe(src, train=train, seed=6, num_epochs=3 if train else None)).set_state(state)
+    with pytest.raises(ValueError, match="different pipeline"):  # same size, other data
+        other = MemSource(n=len(src), seed=9)
+        iter(pipe(other, train=train, seed=5, num_epochs=3 if train else None)).set_state(state)
 
 
 @pytest.mark.parametrize("train", [True, False])

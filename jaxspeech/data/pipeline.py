@@ -92,7 +92,16 @@ class Pipeline:
 
     Batches: `audio [B,N] float32`, `audio_lengths [B] int32`, `labels [B,U] int32` (0-padded),
     `label_lengths [B] int32`, `weight [B] float32` (1 real row, 0 padding row), `text [B]` and
-    `id [B]` (numpy object arrays; '' for padding rows). `(B, N, U)` is one of `shapes()`.
+    `id [B]` (numpy object arrays; '' for padding rows; `text` as in the record, not normalized),
+    and one object array per `extra_keys` entry (None for padding rows). `(B, N, U)` is one of
+    `shapes()`.
+
+    Args: `train` (shuffle + repeat + drop partial batches) or eval (one ordered, padded pass);
+    `seed` (with the epoch, decides the order); `num_epochs` (train default None = forever; eval
+    1); `drop_remainder` (train only; False pads partial batches with weight-0 rows);
+    `process_index` / `process_count` (default: jax's); `num_threads` / `prefetch` (grain read
+    threads and batches buffered); `num_workers` (grain worker processes, 0 = none);
+    `lengths` (precomputed `Lengths`, skips the scan) or `lengths_cache` (an .npz path).
     """
 
     def __init__(
@@ -112,6 +121,7 @@ class Pipeline:
         num_workers: int = 0,
         lengths: Lengths | None = None,
         lengths_cache: str | None = None,
+        extra_keys: Sequence[str] = (),
     ):
         self.source, self.tokenizer, self.spec = source, tokenizer, spec
         self.train, self.seed = train, int(seed)
@@ -122,6 +132,7 @@ class Pipeline:
         if not 0 <= self.process_index < self.process_count:
             raise ValueError(f"process_index {self.process_index} not in [0, {self.process_count})")
         self.num_threads, self.prefetch, self.num_workers = num_threads, prefetch, num_workers
+        self.extra_keys = tuple(extra_keys)
         if lengths is None:
             lengths = scan_lengths(
                 source, tokenizer, num_threads=num_threads, cache_path=lengths_cache
@@ -129,6 +140,9 @@ class Pipeline:
         if len(lengths) != len(source):
             raise ValueError(f"{len(lengths)} lengths for a source of {len(source)} records")
         self.lengths = lengths
+        digest = hashlib.sha1(lengths.num_samples.astype(np.int64).tobytes())
+        digest.update(lengths.label_lengths.astype(np.int64).tobytes())
+        self._lengths_digest = digest.hexdigest()
         self.buckets, self.reasons = bucketing.classify(lengths, spec)
         self.label_widths = bucketing.label_widths(lengths, self.buckets, spec)
         self._per_bucket = bucketing.batches_per_bucket(
@@ -170,7 +184,7 @@ class Pipeline:
         """Identifies the batch plan; an iterator state only restores into the same plan."""
         key = json.dumps(
             [
-                len(self.lengths),
+                self._lengths_digest,
                 self.spec.boundaries,
                 self.spec.batch_sizes,
                 self.label_widths,
@@ -217,6 +231,7 @@ class Pipeline:
             "weight": np.zeros((b,), np.float32),
             "text": np.full((b,), "", object),
             "id": np.full((b,), "", object),
+            **{key: np.full((b,), None, object) for key in self.extra_keys},
         }
         failed = 0
         for r, i in enumerate(rows):
@@ -235,6 +250,8 @@ class Pipeline:
             batch["weight"][r] = 1.0
             batch["text"][r] = record["text"]
             batch["id"][r] = str(record.get("id", i))
+            for key in self.extra_keys:
+                batch[key][r] = record.get(key)
         return batch, {"epoch": epoch, "examples": int(batch["weight"].sum()), "failed": failed}
 
     def dataset(self, start: int = 0) -> grain.IterDataset:
