@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxspeech.data import bucketing
-from jaxspeech.data.pipeline import make_pipeline
+from jaxspeech.data.pipeline import make_pipeline, scan_lengths
 from jaxspeech.data.tokenizers import CharTokenizer
 
 BOUNDARIES = (800, 1600, 2400)
@@ -184,10 +184,37 @@ def test_exact_restore_mid_epoch(src, train):
         iter(pipe(other, train=train, seed=5, num_epochs=3 if train else None)).set_state(state)
 
 
+def simulated_allgather(src, pc):
+    """What `process_allgather` returns when `pc` processes each scan their share of `src`."""
+    local = []
+    for p in range(pc):
+        capture = lambda arr: (local.append(arr), np.stack([arr] * pc))[1]
+        scan_lengths(src, TOK, process_index=p, process_count=pc, allgather=capture)
+    assert len({a.shape for a in local}) == 1
+    stacked = np.stack(local)
+    return lambda arr: stacked
+
+
+def test_sharded_scan_equals_full_scan():
+    src = MemSource(n=50, seed=3)  # 50 = 3 * 17 - 1: the last process pads its share
+    full = scan_lengths(src, TOK)
+    for p in range(3):
+        part = scan_lengths(
+            src, TOK, process_index=p, process_count=3, allgather=simulated_allgather(src, 3)
+        )
+        np.testing.assert_array_equal(part.num_samples, full.num_samples)
+        np.testing.assert_array_equal(part.label_lengths, full.label_lengths)
+    assert (full.num_samples == [len(r["audio"]) if r else -1 for r in src.records]).all()
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_process_shards_disjoint_cover_and_lockstep(src, train):
     pc = 3
-    pipes = [pipe(src, train=train, pi=i, pc=pc, seed=2, num_epochs=1) for i in range(pc)]
+    gather = simulated_allgather(src, pc)
+    pipes = [
+        pipe(src, train=train, pi=i, pc=pc, seed=2, num_epochs=1, allgather=gather)
+        for i in range(pc)
+    ]
     assert len({q.batches_per_epoch for q in pipes}) == 1
     assert all(q.shapes() == pipes[0].shapes() for q in pipes)
     runs = [list(q) for q in pipes]

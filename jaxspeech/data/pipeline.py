@@ -25,7 +25,7 @@ import hashlib
 import json
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import grain
@@ -61,9 +61,21 @@ def label_length(tokenizer: Tokenizer, text: str) -> int:
 
 
 def scan_lengths(
-    source, tokenizer: Tokenizer, *, num_threads: int = 2, cache_path: str | None = None
+    source,
+    tokenizer: Tokenizer,
+    *,
+    num_threads: int = 2,
+    cache_path: str | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    allgather: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Lengths:
-    """Reads every record once: audio samples and label tokens per index (-1 for None records)."""
+    """Reads every record once: audio samples and label tokens per index (see `Lengths`).
+
+    With `process_count > 1` each process reads the records `i % process_count == process_index`
+    and `allgather` (default: `jax.experimental.multihost_utils.process_allgather`, stacking a
+    [m, 2] array from every process into [P, m, 2]) assembles the whole table on every process.
+    """
     if cache_path is not None:
         try:
             cached = Lengths.load(cache_path)
@@ -73,16 +85,27 @@ def scan_lengths(
             pass
 
     def measure(i):
+        if i >= len(source):  # padding so every process gathers the same shape
+            return (bucketing.NO_RECORD, bucketing.NO_RECORD)
         record = source[i]  # not `MapDataset.source`: grain drops None records silently
         if record is None:
             return (bucketing.NO_RECORD, bucketing.NO_RECORD)
         return (int(np.shape(record["audio"])[0]), label_length(tokenizer, record["text"]))
 
-    ds = grain.MapDataset.range(len(source)).map(measure)
+    n, pc = len(source), process_count
+    per_process = -(-n // pc)
+    ds = grain.MapDataset.range(process_index, per_process * pc, pc).map(measure)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=64))
-    arr = np.asarray(list(it), np.int64).reshape(-1, 2)
+    arr = np.asarray(list(it), np.int64).reshape(per_process, 2)
+    if pc > 1:
+        if allgather is None:
+            from jax.experimental import multihost_utils
+
+            allgather = multihost_utils.process_allgather
+        arr = np.asarray(allgather(arr)).reshape(pc, per_process, 2)
+        arr = arr.transpose(1, 0, 2).reshape(-1, 2)[:n]  # row i came from process i % pc
     lengths = Lengths(arr[:, 0].copy(), arr[:, 1].copy())
-    if cache_path is not None:
+    if cache_path is not None and process_index == 0:
         lengths.save(cache_path)
     return lengths
 
@@ -101,7 +124,8 @@ class Pipeline:
     1); `drop_remainder` (train only; False pads partial batches with weight-0 rows);
     `process_index` / `process_count` (default: jax's); `num_threads` / `prefetch` (grain read
     threads and batches buffered); `num_workers` (grain worker processes, 0 = none);
-    `lengths` (precomputed `Lengths`, skips the scan) or `lengths_cache` (an .npz path).
+    `lengths` (precomputed `Lengths`, skips the scan) or `lengths_cache` (an .npz path);
+    `allgather` (see `scan_lengths`; for tests).
     """
 
     def __init__(
@@ -122,6 +146,7 @@ class Pipeline:
         lengths: Lengths | None = None,
         lengths_cache: str | None = None,
         extra_keys: Sequence[str] = (),
+        allgather: Callable[[np.ndarray], np.ndarray] | None = None,
     ):
         self.source, self.tokenizer, self.spec = source, tokenizer, spec
         self.train, self.seed = train, int(seed)
@@ -135,7 +160,13 @@ class Pipeline:
         self.extra_keys = tuple(extra_keys)
         if lengths is None:
             lengths = scan_lengths(
-                source, tokenizer, num_threads=num_threads, cache_path=lengths_cache
+                source,
+                tokenizer,
+                num_threads=num_threads,
+                cache_path=lengths_cache,
+                process_index=self.process_index,
+                process_count=self.process_count,
+                allgather=allgather,
             )
         if len(lengths) != len(source):
             raise ValueError(f"{len(lengths)} lengths for a source of {len(source)} records")
