@@ -11,7 +11,7 @@ utterance. The result equals::
 
 (slaney mel scale and area normalization, periodic hann window zero-padded to ``n_fft``) followed
 by ``log(x + log_floor)``. A streaming front end carries the last ``FeatureConfig.left_context``
-samples between chunks.
+samples between chunks (`log_mel_chunk`).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ __all__ = [
     "feature_moments",
     "feature_stats",
     "log_mel",
+    "log_mel_chunk",
     "spec_augment",
 ]
 
@@ -82,18 +83,31 @@ def _constants(cfg: FeatureConfig) -> tuple[np.ndarray, np.ndarray]:
     return window.astype(np.float32), np.ascontiguousarray(mel.T.astype(np.float32))
 
 
-def _frames(audio: jax.Array, cfg: FeatureConfig) -> jax.Array:
-    """Causal frames ``[B, T, n_fft]`` with ``T = N // hop``, from strided slices (no gather)."""
+def _frames(audio: jax.Array, cfg: FeatureConfig, left: jax.Array | None = None) -> jax.Array:
+    """Causal frames ``[B, T, n_fft]`` with ``T = N // hop``, from strided slices (no gather).
+
+    ``left`` (``[B, left_context]``) is the audio before ``audio``; zeros when omitted.
+    """
     batch, n = audio.shape
     hop = cfg.hop_length
     num = n // hop
     pieces = -(-cfg.n_fft // hop)  # each frame spans this many consecutive hops
     total = (num + pieces - 1) * hop
-    padded = jnp.pad(audio, ((0, 0), (cfg.left_context, 0)))[:, : min(n + cfg.left_context, total)]
+    if left is None:
+        left = jnp.zeros((batch, cfg.left_context), audio.dtype)
+    padded = jnp.concatenate([left, audio], axis=1)[:, :total]
     padded = jnp.pad(padded, ((0, 0), (0, total - padded.shape[1])))
     hops = padded.reshape(batch, num + pieces - 1, hop)
     frames = jnp.concatenate([hops[:, i : i + num] for i in range(pieces)], axis=-1)
     return frames[..., : cfg.n_fft]
+
+
+def _log_mel_frames(frames: jax.Array, cfg: FeatureConfig) -> jax.Array:
+    window, mel = _constants(cfg)
+    spec = jnp.fft.rfft(frames * window, n=cfg.n_fft, axis=-1)
+    power = jnp.square(spec.real) + jnp.square(spec.imag)
+    mels = jnp.matmul(power, mel, precision=jax.lax.Precision.HIGHEST)
+    return jnp.log(mels + cfg.log_floor)
 
 
 def log_mel(
@@ -111,15 +125,33 @@ def log_mel(
       ``frame_lengths`` are zero.
     """
     audio = jnp.asarray(audio, jnp.float32)
-    window, mel = _constants(cfg)
-    frames = _frames(audio, cfg) * window
-    spec = jnp.fft.rfft(frames, n=cfg.n_fft, axis=-1)
-    power = jnp.square(spec.real) + jnp.square(spec.imag)
-    mels = jnp.matmul(power, mel, precision=jax.lax.Precision.HIGHEST)
-    feats = jnp.log(mels + cfg.log_floor)
+    feats = _log_mel_frames(_frames(audio, cfg), cfg)
     frame_lengths = cfg.num_frames(jnp.asarray(audio_lengths, jnp.int32))
     valid = jnp.arange(feats.shape[1])[None, :] < frame_lengths[:, None]
     return jnp.where(valid[..., None], feats, 0.0), frame_lengths
+
+
+def log_mel_chunk(
+    context: jax.Array, chunk: jax.Array, cfg: FeatureConfig = FeatureConfig()
+) -> tuple[jax.Array, jax.Array]:
+    """Streaming log-mel: features of the next ``chunk`` given the audio before it.
+
+    Args:
+      context: ``[B, cfg.left_context]`` the last samples before ``chunk``; zeros at the start of
+        an utterance (``jnp.zeros((B, cfg.left_context))``).
+      chunk: ``[B, S]`` new samples, ``S`` a multiple of ``hop_length``.
+
+    Returns:
+      ``(feats [B, S // hop, n_mels], new_context [B, left_context])``. Concatenating the features
+      of consecutive chunks gives exactly `log_mel` of the whole utterance.
+    """
+    if chunk.shape[1] % cfg.hop_length:
+        raise ValueError(f"chunk of {chunk.shape[1]} samples is not a multiple of the hop")
+    chunk = jnp.asarray(chunk, jnp.float32)
+    context = jnp.asarray(context, jnp.float32)
+    feats = _log_mel_frames(_frames(chunk, cfg, context), cfg)
+    new_context = jnp.concatenate([context, chunk], axis=1)[:, -cfg.left_context :]
+    return feats, new_context
 
 
 def _band_mask(key, size, lengths, num_masks, max_width):

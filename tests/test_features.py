@@ -8,7 +8,14 @@ import librosa
 import numpy as np
 import pytest
 
-from jaxspeech.features import FeatureConfig, FeatureStats, feature_stats, log_mel, spec_augment
+from jaxspeech.features import (
+    FeatureConfig,
+    FeatureStats,
+    feature_stats,
+    log_mel,
+    log_mel_chunk,
+    spec_augment,
+)
 
 CFG = FeatureConfig()
 _log_mel = jax.jit(log_mel, static_argnums=2)
@@ -80,6 +87,23 @@ def test_log_mel_batch_padding_and_causality():
     b, _ = _log_mel(jnp.asarray(changed[None]), jnp.array([chirp.size]), CFG)
     np.testing.assert_array_equal(a[0, : k + 1], b[0, : k + 1])
     assert not np.allclose(a[0, k + 1], b[0, k + 1])
+
+
+def test_log_mel_chunk_streams_exactly():
+    """Chunk by chunk, carrying left_context samples, equals log_mel on the whole utterance."""
+    chirp, tone = _signals()
+    n = 32 * 160 * 3  # three chunks of 32 frames
+    audio = jnp.asarray(np.stack([chirp[:n], tone[:n]]))
+    offline, _ = _log_mel(audio, jnp.array([n, n]), CFG)
+    step = jax.jit(log_mel_chunk, static_argnums=2)
+    context = jnp.zeros((2, CFG.left_context))
+    parts = []
+    for start in range(0, n, 32 * 160):
+        feats, context = step(context, audio[:, start : start + 32 * 160], CFG)
+        parts.append(feats)
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), offline, atol=1e-5)
+    with pytest.raises(ValueError, match="not a multiple of the hop"):
+        log_mel_chunk(context, audio[:, :100], CFG)
 
 
 def test_log_mel_short_input():
