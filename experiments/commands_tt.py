@@ -23,6 +23,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     tiny = arg == "tiny"
     if arg not in (None, "", "tiny"):
         raise ValueError(f"unknown variant {arg!r}; use commands_tt.py or commands_tt.py:tiny")
+    corpus = "tiny" if tiny else "default"
     c = ml_collections.ConfigDict()
 
     # TransducerConfig fields (jaxspeech.models); vocab_size=-1 is filled from the tokenizer.
@@ -52,12 +53,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(
         dict(
-            source="spoken_commands",  # 'spoken_commands' | 'librispeech' | 'manifest'
-            tfds_config="tiny" if tiny else "default",
-            data_dir="",  # TFDS data dir or local corpus dir ('' = TFDS default)
-            train_split="train",
-            eval_split="validation",
-            test_split="test",
+            # Source specs (jaxspeech.data.sources): tfds:<name>[/<config>]:<split>,
+            # librispeech_dir:<root>:<split> or manifest:<path.jsonl>. The spoken-commands corpus
+            # is built on first use.
+            train=f"tfds:spoken_commands/{corpus}:train",
+            validation=f"tfds:spoken_commands/{corpus}:validation",
+            test=f"tfds:spoken_commands/{corpus}:test",
+            tfds_data_dir="",  # '' = TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)
             tokenizer="char",  # 'char' | 'sentencepiece'
             vocab_size=0,  # sentencepiece only
             bucket_seconds=(2.0, 4.0) if tiny else (2.0, 3.0, 4.5, 6.0),
@@ -67,6 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             max_label_length=64,
             num_norm_utterances=16 if tiny else 300,
             num_eval_utterances=8 if tiny else 200,  # periodic validation subset (-1 = all)
+            eval_split="validation",  # which of train/validation/test the periodic eval uses
             num_workers=0,
             spec_augment=ml_collections.ConfigDict(
                 dict(

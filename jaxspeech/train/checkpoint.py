@@ -42,9 +42,12 @@ def _abstract_keys_to_data(tree):
 
 
 def _data_to_keys(restored, like):
-    return jax.tree.map(
-        lambda r, x: jax.random.wrap_key_data(r, impl=jax.random.key_impl(x)) if _is_key(x) else r,
-        restored, like)
+    def f(r, x):
+        if not _is_key(x):
+            return r
+        impl = jax.random.key_impl(x) if isinstance(x, jax.Array) else None  # None: default impl
+        return jax.random.wrap_key_data(r, impl=impl)
+    return jax.tree.map(f, restored, like)
 
 
 def _encode_iterator_state(state):

@@ -84,28 +84,39 @@ def abstract_model(cfg: TransducerConfig, seed: int = 0) -> TransformerTransduce
         return nnx.eval_shape(lambda: _build(cfg, seed))
 
 
-def create_train_state(cfg: TransducerConfig, tx: optax.GradientTransformation,
-                       mesh: jax.sharding.Mesh, rules, *, seed: int = 0,
-                       feature_mean=None, feature_std=None):
-    """Returns (graphdef, state, state_shardings) with `state` materialized sharded on `mesh`."""
-    num_mels = cfg.num_mels
-    mean = np.zeros(num_mels, np.float32) if feature_mean is None else feature_mean
-    std = np.ones(num_mels, np.float32) if feature_std is None else feature_std
-
+def _init_fn(cfg: TransducerConfig, tx: optax.GradientTransformation, seed: int):
     def init(mean, std):
         with nnx.use_eager_sharding(False):
             model = _build(cfg, seed, mean, std)
         _, params, rest = nnx.split(model, nnx.Param, ...)
         return {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
                 "opt_state": tx.init(params)}
+    return init
 
-    graphdef = nnx.graphdef(abstract_model(cfg, seed))
-    abstract = jax.eval_shape(init, mean, std)
+
+def abstract_train_state(cfg: TransducerConfig, tx: optax.GradientTransformation,
+                         mesh: jax.sharding.Mesh, rules, *, seed: int = 0):
+    """(graphdef, abstract state of ShapeDtypeStructs carrying their shardings, shardings)."""
+    f32 = jax.ShapeDtypeStruct((cfg.num_mels,), jnp.float32)
+    abstract = jax.eval_shape(_init_fn(cfg, tx, seed), f32, f32)
     shardings = sharding_lib.tree_shardings(abstract, mesh, rules)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            abstract, shardings)
+    return nnx.graphdef(abstract_model(cfg, seed)), abstract, shardings
+
+
+def create_train_state(cfg: TransducerConfig, tx: optax.GradientTransformation,
+                       mesh: jax.sharding.Mesh, rules, *, seed: int = 0,
+                       feature_mean=None, feature_std=None):
+    """Returns (graphdef, state, state_shardings) with `state` materialized sharded on `mesh`."""
+    mean = np.zeros(cfg.num_mels, np.float32) if feature_mean is None else feature_mean
+    std = np.ones(cfg.num_mels, np.float32) if feature_std is None else feature_std
+    graphdef, _, shardings = abstract_train_state(cfg, tx, mesh, rules, seed=seed)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    init = jax.jit(_init_fn(cfg, tx, seed), in_shardings=(replicated, replicated),
+                   out_shardings=shardings)
     with jax.set_mesh(mesh):
-        state = jax.jit(init, in_shardings=(replicated, replicated), out_shardings=shardings)(
-            jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32))
+        state = init(jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32))
     return graphdef, state, shardings
 
 

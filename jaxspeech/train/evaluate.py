@@ -1,0 +1,195 @@
+"""Evaluation: transducer decoding of batches, WER (substitutions, deletions, insertions) via jiwer,
+and the real-time factor (decode wall time / audio duration).
+
+    recognizer = Recognizer(model, feature_cfg, decoder="greedy")
+    report = evaluate(recognizer, batches, tokenizer)  # {'wer', 'substitutions', 'rtf', ...}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import jiwer
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from jaxspeech import decoding, features
+
+
+def normalize_text(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def wer_stats(references: Sequence[str], hypotheses: Sequence[str]) -> dict:
+    """Corpus WER with its error counts. Empty references are allowed (every hyp word inserts)."""
+    refs = [normalize_text(r) for r in references]
+    hyps = [normalize_text(h) for h in hypotheses]
+    s = d = i = h = 0
+    for ref, hyp in zip(refs, hyps, strict=True):
+        if not ref:  # jiwer rejects empty references
+            i += len(hyp.split())
+            continue
+        out = jiwer.process_words(ref, hyp)
+        s, d, i, h = s + out.substitutions, d + out.deletions, i + out.insertions, h + out.hits
+    n = s + d + h
+    return {
+        "wer": (s + d + i) / max(n, 1),
+        "substitutions": s,
+        "deletions": d,
+        "insertions": i,
+        "hits": h,
+        "num_words": n,
+        "num_utterances": len(refs),
+    }
+
+
+def _decode_output(out):
+    """(tokens, lengths) from a decoder's return value (a tuple whose first two are those)."""
+    tokens, lengths = out[0], out[1]
+    return tokens, lengths
+
+
+class Recognizer:
+    """A jitted audio -> token ids function for a TransformerTransducer (eval mode)."""
+
+    def __init__(self, model, feature_cfg: features.FeatureConfig | None = None, *,
+                 decoder: str = "greedy", beam_size: int = 4, max_symbols_per_frame: int = 3):
+        if decoder not in ("greedy", "beam"):
+            raise ValueError(f"decoder must be 'greedy' or 'beam', got {decoder!r}")
+        self.feature_cfg = feature_cfg or features.FeatureConfig()
+        model.eval()
+        self.graphdef, self.state = nnx.split(model)
+        feature_cfg = self.feature_cfg
+
+        def decode(state, audio, audio_lengths):
+            model = nnx.merge(self.graphdef, state)
+            feats, feat_lengths = features.log_mel(audio, audio_lengths, feature_cfg)
+            if decoder == "beam":
+                out = decoding.transducer_beam(model, feats, feat_lengths, beam_size=beam_size)
+            else:
+                out = decoding.transducer_greedy(
+                    model, feats, feat_lengths, max_symbols_per_frame=max_symbols_per_frame)
+            return _decode_output(out)
+
+        self._decode = jax.jit(decode)
+
+    def set_model(self, model) -> None:
+        """Swaps in new weights of the same model (no recompilation)."""
+        model.eval()
+        self.state = nnx.state(model)
+
+    def __call__(self, audio, audio_lengths) -> list[list[int]]:
+        tokens, lengths = self._decode(self.state, jnp.asarray(audio, jnp.float32),
+                                       jnp.asarray(audio_lengths, jnp.int32))
+        tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+        return [t[: n].tolist() for t, n in zip(tokens, lengths, strict=False)]
+
+
+def pad_audio(waves: Sequence[np.ndarray], multiple: int = 16000) -> tuple[np.ndarray, np.ndarray]:
+    """Pads waveforms into one [B, N] batch (N rounded up to `multiple` to limit recompiles)."""
+    lengths = np.array([len(w) for w in waves], np.int32)
+    n = max(int(-(-lengths.max() // multiple) * multiple), multiple)
+    audio = np.zeros((len(waves), n), np.float32)
+    for row, w in zip(audio, waves, strict=False):
+        row[: len(w)] = w
+    return audio, lengths
+
+
+def evaluate(recognizer: Recognizer, batches: Iterable[Mapping[str, np.ndarray]], tokenizer,
+             *, max_utterances: int = -1, sample_rate: int = 16000) -> dict:
+    """Decodes every batch (dicts with audio, audio_lengths, text) and scores the WER.
+
+    Returns the `wer_stats` fields plus `rtf` (decode seconds / audio seconds, after a warm-up
+    batch per shape is excluded from timing), `audio_seconds`, `decode_seconds` and a few examples.
+    """
+    refs, hyps, seen_shapes = [], [], set()
+    decode_s = audio_s = 0.0
+    for batch in batches:
+        audio, lengths = np.asarray(batch["audio"]), np.asarray(batch["audio_lengths"])
+        valid = lengths > 0
+        if audio.shape not in seen_shapes:  # compile outside the timed region
+            seen_shapes.add(audio.shape)
+            recognizer(audio, lengths)
+        start = time.perf_counter()
+        ids = recognizer(audio, lengths)
+        decode_s += time.perf_counter() - start
+        audio_s += float(lengths[valid].sum()) / sample_rate
+        for k in np.flatnonzero(valid):
+            refs.append(str(batch["text"][k]))
+            hyps.append(tokenizer.decode(ids[k]))
+        if 0 <= max_utterances <= len(refs):
+            break
+    if max_utterances >= 0:
+        refs, hyps = refs[:max_utterances], hyps[:max_utterances]
+    report = wer_stats(refs, hyps)
+    report.update(
+        rtf=decode_s / max(audio_s, 1e-9),
+        audio_seconds=audio_s,
+        decode_seconds=decode_s,
+        examples=[{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps, strict=False))[:5]],
+    )
+    return report
+
+
+# ---- a trained workdir: model + tokenizer, for scripts/evaluate.py and scripts/transcribe.py ----
+
+
+class Trained(NamedTuple):
+    model: object  # TransformerTransducer with the checkpoint's weights
+    tokenizer: object
+    config: ml_collections.ConfigDict
+    step: int
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{workdir} is not a training workdir: no config.json")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def load_trained(workdir: str, step: int | None = None) -> Trained:
+    """The model of `workdir`'s latest (or given) checkpoint, its tokenizer and config."""
+    from jaxspeech.data import tokenizers
+    from jaxspeech.train import checkpoint, sharding
+    from jaxspeech.train import state as state_lib
+
+    config = load_config(workdir)
+    tokenizer = tokenizers.load_tokenizer(os.path.join(workdir, "tokenizer"))
+    ckpt = checkpoint.Checkpointer(workdir, keep=int(config.train.keep_checkpoints))
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+    model_cfg = state_lib.model_config(config.model, vocab_size=tokenizer.vocab_size,
+                                       bf16=bool(config.train.bf16))
+    tx, _ = state_lib.make_optimizer(config.optim, int(config.train.num_steps))
+    mesh = sharding.make_mesh(config.mesh)
+    graphdef, abstract, _ = state_lib.abstract_train_state(
+        model_cfg, tx, mesh, sharding.axis_rules(config.mesh), seed=int(config.train.seed))
+    state, _ = ckpt.restore(abstract, step)
+    ckpt.close()
+    return Trained(state_lib.merge_model(graphdef, state), tokenizer, config, int(step))
+
+
+def transcribe_files(recognizer: Recognizer, tokenizer, paths: Sequence[str], *,
+                     batch_size: int = 8) -> list[str]:
+    """Transcripts of audio files (any format `jaxspeech.data.audio.load_audio` reads)."""
+    from jaxspeech.data import audio as audio_lib
+
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"audio files not found: {', '.join(missing)}")
+    out = []
+    for start in range(0, len(paths), batch_size):
+        waves = [audio_lib.load_audio(p) for p in paths[start : start + batch_size]]
+        audio, lengths = pad_audio(waves)
+        out.extend(tokenizer.decode(ids) for ids in recognizer(audio, lengths))
+    return out

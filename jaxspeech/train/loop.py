@@ -1,0 +1,177 @@
+"""`train_and_evaluate(config, workdir)`: the whole training run, resumable.
+
+Phases (each fails with a clear message before training time is spent when its inputs are bad):
+  1. workdir     writable? config.json written
+  2. data        tokenizer (built from training transcripts, saved in the workdir) and pipelines
+  3. model       TransducerConfig; an existing checkpoint must describe the same model
+  4. state       global feature normalization from training audio, sharded train state
+                 (or the latest checkpoint with its data-iterator position)
+  5. train       jitted steps; metrics.jsonl / TensorBoard / progress bar; periodic validation
+                 WER and asynchronous checkpoints
+  6. evaluate    test WER (S/D/I) and real-time factor -> eval.json
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import numpy as np
+
+from jaxspeech import features
+from jaxspeech.train import checkpoint as checkpoint_lib
+from jaxspeech.train import data as data_lib
+from jaxspeech.train import evaluate as evaluate_lib
+from jaxspeech.train import metrics as metrics_lib
+from jaxspeech.train import sharding as sharding_lib
+from jaxspeech.train import state as state_lib
+from jaxspeech.train import step as step_lib
+
+
+def ensure_writable(workdir: str) -> None:
+    """Creates `workdir` and checks that files can be written there."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f"cannot write to workdir {workdir!r}: {e.strerror or e}") from e
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient norm became NaN/Inf."""
+
+
+def _check_finite(history: list[tuple[int, dict]], policy: str) -> None:
+    for step, m in history:
+        if not m["finite"]:
+            if policy == "fail":
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step}: loss={m['loss']}, grad_norm={m['grad_norm']} "
+                    "(the update of that step was not applied; the last checkpoint is intact)")
+            raise ValueError(f"unknown train.nonfinite policy {policy!r}")
+
+
+def evaluate_split(recognizer, config, split: str, tokenizer, *, max_utterances: int = -1) -> dict:
+    pipeline = data_lib.eval_pipeline(config.data, split, tokenizer)
+    return evaluate_lib.evaluate(recognizer, iter(pipeline), tokenizer,
+                                 max_utterances=max_utterances)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns eval.json."""
+    # 1. workdir ---------------------------------------------------------------------------------
+    ensure_writable(workdir)
+    tc = config.train
+
+    # 2. data ------------------------------------------------------------------------------------
+    tokenizer = data_lib.build_tokenizer(config.data, workdir)
+    mesh = sharding_lib.make_mesh(config.mesh)
+    rules = sharding_lib.axis_rules(config.mesh)
+
+    # 3. model and checkpoint compatibility --------------------------------------------------------
+    model_cfg = state_lib.model_config(config.model, vocab_size=tokenizer.vocab_size, bf16=tc.bf16)
+    abstract = state_lib.abstract_model(model_cfg, tc.seed)
+    description = checkpoint_lib.model_description(
+        model_cfg, state_lib.param_shapes({"params": _params(abstract)}))
+    ckpt = checkpoint_lib.Checkpointer(workdir, keep=tc.keep_checkpoints)
+    ckpt.check_compatible(description)
+    latest = ckpt.latest_step()
+
+    divisor = sharding_lib.batch_divisor(mesh, rules)
+    train_pipe = data_lib.train_pipeline(config.data, tokenizer, seed=tc.seed,
+                                         batch_divisor=divisor)
+    writer = metrics_lib.MetricWriter(workdir, total_steps=tc.num_steps,
+                                      initial_step=latest or 0)
+    writer.write_config(config)
+
+    # 4. state -----------------------------------------------------------------------------------
+    feature_cfg = features.FeatureConfig(n_mels=model_cfg.num_mels)
+    mean = std = None
+    if latest is None:
+        mean, std = data_lib.feature_statistics(train_pipe.source, config.data.num_norm_utterances,
+                                                feature_cfg)
+    tx, schedule = state_lib.make_optimizer(config.optim, tc.num_steps)
+    graphdef, state, shardings = state_lib.create_train_state(
+        model_cfg, tx, mesh, rules, seed=tc.seed, feature_mean=mean, feature_std=std)
+    train_iter = iter(train_pipe)
+    if latest is not None:
+        state, data_state = ckpt.restore(state, latest)
+        if data_state is not None:
+            train_iter.set_state(data_state)
+        writer.log(f"resumed from {ckpt.directory} at step {latest}")
+    else:
+        writer.log(f"model: {state_lib.count_params(state):,} parameters; mesh {dict(mesh.shape)}")
+    step = int(jax.device_get(state["step"]))
+
+    # 5. train -----------------------------------------------------------------------------------
+    bsharding = sharding_lib.batch_sharding(mesh, rules)
+    train_step = step_lib.make_train_step(
+        graphdef, tx, schedule, feature_cfg=feature_cfg, spec_augment_cfg=config.data.spec_augment,
+        seed=tc.seed, state_shardings=shardings, batch_sharding=bsharding)
+    recognizer = None
+    history, audio_seconds, t0 = [], 0.0, time.perf_counter()
+    last_log_step = step
+    with jax.set_mesh(mesh):
+        while step < tc.num_steps:
+            batch = next(train_iter)
+            audio_seconds += float(batch["audio_lengths"].sum()) / feature_cfg.sample_rate
+            arrays = sharding_lib.shard_batch(
+                {k: batch[k] for k in step_lib.BATCH_KEYS}, bsharding)
+            state, metrics = train_step(state, arrays)
+            step += 1
+            history.append((step, metrics))
+            writer.advance()
+            if step % tc.log_every == 0 or step == tc.num_steps:
+                history = [(s, jax.device_get(m)) for s, m in history]
+                _check_finite(history, tc.nonfinite)
+                elapsed = time.perf_counter() - t0
+                scalars = {k: float(np.mean([m[k] for _, m in history])) for k in history[0][1]}
+                scalars.pop("finite")
+                scalars["learning_rate"] = float(history[-1][1]["learning_rate"])
+                scalars["steps_per_sec"] = (step - last_log_step) / elapsed
+                scalars["audio_sec_per_sec"] = audio_seconds / elapsed
+                writer.write_scalars(step, scalars)
+                history, audio_seconds, t0, last_log_step = [], 0.0, time.perf_counter(), step
+            if step % tc.eval_every == 0 or step == tc.num_steps:
+                recognizer = _recognizer(recognizer, graphdef, state, config, feature_cfg)
+                report = evaluate_split(recognizer, config, config.data.eval_split, tokenizer,
+                                        max_utterances=config.data.num_eval_utterances)
+                writer.write_scalars(step, {k: report[k] for k in ("wer", "rtf")}, prefix="eval/")
+                writer.log(f"step {step}: {config.data.eval_split} WER {100 * report['wer']:.2f}% "
+                           f"on {report['num_utterances']} utterances")
+                t0 = time.perf_counter()
+            if step % tc.checkpoint_every == 0 or step == tc.num_steps:
+                ckpt.save(step, state, data_state=train_iter.get_state(), model=description)
+        ckpt.close()
+
+        # 6. evaluate ----------------------------------------------------------------------------
+        recognizer = _recognizer(recognizer, graphdef, state, config, feature_cfg)
+        report = evaluate_split(recognizer, config, "test", tokenizer)
+    report.update(step=step, split="test", decoder=config.eval.decoder)
+    metrics_lib.write_json(os.path.join(workdir, "eval.json"), report)
+    writer.log(f"test WER {100 * report['wer']:.2f}% "
+               f"(S {report['substitutions']}, D {report['deletions']}, "
+               f"I {report['insertions']}, {report['num_words']} words)"
+               f", RTF {report['rtf']:.4f}")
+    writer.close()
+    return report
+
+
+def _params(model):
+    from flax import nnx
+
+    return nnx.state(model, nnx.Param)
+
+
+def _recognizer(recognizer, graphdef, state, config, feature_cfg):
+    model = state_lib.merge_model(graphdef, state)
+    if recognizer is None:
+        return evaluate_lib.Recognizer(
+            model, feature_cfg, decoder=config.eval.decoder, beam_size=config.eval.beam_size,
+            max_symbols_per_frame=config.eval.max_symbols_per_frame)
+    recognizer.set_model(model)
+    return recognizer

@@ -1,0 +1,29 @@
+r"""Transcribes audio files with a trained workdir's latest checkpoint (greedy decoding).
+
+  python scripts/transcribe.py --workdir runs/commands_tt a.wav b.flac
+
+Prints one line per file: `<path>\t<transcript>`.
+"""
+
+import argparse
+
+from jaxspeech.train import evaluate
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--decoder", choices=("greedy", "beam"), default="greedy")
+    p.add_argument("files", nargs="+", help="audio files (wav, flac, ...; resampled to 16 kHz)")
+    args = p.parse_args(argv)
+
+    trained = evaluate.load_trained(args.workdir)
+    recognizer = evaluate.Recognizer(trained.model, decoder=args.decoder,
+                                     beam_size=trained.config.eval.beam_size)
+    for path, text in zip(args.files, evaluate.transcribe_files(
+            recognizer, trained.tokenizer, args.files), strict=True):
+        print(f"{path}\t{text}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
