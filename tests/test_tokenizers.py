@@ -1,6 +1,7 @@
 """Character and SentencePiece tokenizers: normalization, round trips, save/load, errors."""
 
 import json
+import pickle
 
 import pytest
 
@@ -64,6 +65,8 @@ def test_save_load(tokenizer, tmp_path):
     assert desc["kind"] == tokenizer.kind
     restored = load_tokenizer(tmp_path / "tok")
     assert type(restored) is type(tokenizer)
+    clone = pickle.loads(pickle.dumps(tokenizer))  # grain worker processes pickle it
+    assert clone.encode(TRANSCRIPTS[0]) == tokenizer.encode(TRANSCRIPTS[0])
     assert restored.vocab_size == tokenizer.vocab_size
     for text in TRANSCRIPTS[:9]:
         assert restored.encode(text) == tokenizer.encode(text)
@@ -85,5 +88,7 @@ def test_training_errors():
         CharTokenizer.from_transcripts(["", "?!"])
     with pytest.raises(ValueError, match="all empty"):
         SentencePieceTokenizer.train(["..."], vocab_size=10)
+    with pytest.raises(ValueError, match=r"vocab_size=500 \(blank included, so 499 pieces\)"):
+        SentencePieceTokenizer.train(["hello world"] * 3, vocab_size=500)
     with pytest.raises(ValueError, match="distinct single characters"):
         CharTokenizer(["a", "a"])

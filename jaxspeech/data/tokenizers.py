@@ -10,6 +10,7 @@ character vocabulary) plus ``tokenizer.model`` for SentencePiece; `load_tokenize
 
 from __future__ import annotations
 
+import abc
 import io
 import json
 import os
@@ -54,24 +55,27 @@ def _normalized_or_raise(text: str) -> str:
     return norm
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Interface shared by the tokenizers: ids are >= 1, id 0 is the blank."""
 
     kind: str
 
     @property
+    @abc.abstractmethod
     def vocab_size(self) -> int:
         """Number of ids including the blank (the model's output size)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Normalized ``text`` -> ids (>= 1); ``ValueError`` if empty or not representable."""
 
+    @abc.abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
-        raise NotImplementedError
+        """Ids -> normalized text; blanks (0, also label padding) are skipped."""
 
+    @abc.abstractmethod
     def save(self, directory: str | os.PathLike) -> None:
-        raise NotImplementedError
+        """Writes the tokenizer to ``directory`` (read back with `load_tokenizer`)."""
 
     def _check_ids(self, ids: Iterable[int]) -> list[int]:
         """Drops blanks (and label padding, which is 0); rejects ids outside the vocabulary."""
@@ -152,6 +156,12 @@ class SentencePieceTokenizer(Tokenizer):
         self.sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
         self._unk = self.sp.unk_id()
 
+    def __getstate__(self):  # picklable for grain worker processes
+        return {"model_proto": self.model_proto}
+
+    def __setstate__(self, state):
+        self.__init__(state["model_proto"])
+
     @classmethod
     def train(
         cls,
@@ -183,9 +193,15 @@ class SentencePieceTokenizer(Tokenizer):
             minloglevel=2,
         )
         options.update(trainer_kwargs)
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_writer=model, **options
-        )
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(sentences), model_writer=model, **options
+            )
+        except RuntimeError as e:
+            raise ValueError(
+                f"SentencePiece training failed for vocab_size={vocab_size} (blank included, so "
+                f"{vocab_size - 1} pieces) on {len(sentences)} transcripts: {e}"
+            ) from None
         return cls(model.getvalue())
 
     @property
