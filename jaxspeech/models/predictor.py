@@ -43,7 +43,7 @@ class LSTMLayer(nnx.Module):
         self.hidden = p
         self.dtype = cfg.compute_dtype
         self.input_proj = dense(d_in, 4 * p, ("embed", "mlp"), cfg, rngs=rngs)
-        self.input_proj.bias.value = self.input_proj.bias.value.at[p : 2 * p].set(1.0)
+        self.input_proj.bias[...] = self.input_proj.bias[...].at[p : 2 * p].set(1.0)
         self.recurrent_proj = dense(p, 4 * p, ("embed", "mlp"), cfg, rngs=rngs, use_bias=False)
 
     def cell(self, carry: tuple[jax.Array, jax.Array], gates_in: jax.Array):

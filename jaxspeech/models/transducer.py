@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxspeech.losses import rnnt_loss_fused
 from jaxspeech.models.attention import KVCache, length_mask
 from jaxspeech.models.config import TransducerConfig
 from jaxspeech.models.encoder import Encoder
@@ -29,7 +30,7 @@ class FeatureNorm(nnx.Module):
     """Global mean/variance normalization `(x - mean) / std` with `mean`, `std` of shape [F].
 
     Defaults 0 / 1 (identity); the trainer sets them from training-data statistics, e.g.
-    `model.feature_norm.mean.value = mean`. They are saved with the model state.
+    `model.feature_norm.mean[...] = mean`. They are saved with the model state.
     """
 
     def __init__(self, num_features: int):
@@ -37,7 +38,7 @@ class FeatureNorm(nnx.Module):
         self.std = FeatureStat(jnp.ones((num_features,), jnp.float32))
 
     def __call__(self, feats: jax.Array) -> jax.Array:
-        return (feats - self.mean.value) / self.std.value
+        return (feats - self.mean[...]) / self.std[...]
 
 
 class StreamState(NamedTuple):
@@ -92,8 +93,6 @@ class TransformerTransducer(nnx.Module):
         label_lengths: jax.Array,
     ) -> jax.Array:
         """Per-example RNN-T negative log-likelihood [B] (nats), via the fused joint + loss."""
-        from jaxspeech.losses import rnnt_loss_fused  # noqa: PLC0415 (lands with issue 2 losses)
-
         enc, enc_lengths = self.encode(feats, feat_lengths)
         enc_proj = self.joint.project_encoder(enc)
         pred_proj = self.joint.project_predictor(self.predict(labels))
