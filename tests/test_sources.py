@@ -195,6 +195,16 @@ def test_librispeech_local_dir(tmp_path):
         pickle.dumps(open_source(f"librispeech_dir:{root}:dev-clean", data_dir=data_dir))
     )
     assert len(again) == 4 and again[0]["id"] == source[0]["id"]
+    # The prepared split is a TFDS dataset like any other (slicing works).
+    head = open_source("tfds:librispeech_local:dev_clean[:2]", data_dir=data_dir / "dev-clean")
+    assert len(head) == 2 and head[1]["id"] == source[1]["id"]
+    # Several split folders joined with '+'.
+    _write_librispeech(root, "dev-other")
+    both = open_source(f"librispeech_dir:{root}:dev-clean+dev-other", data_dir=data_dir)
+    assert len(both) == 8
+    assert (
+        {both[i]["id"] for i in range(4, 8)} == {both[i]["id"] for i in range(4)} == set(expected)
+    )
 
 
 def test_librispeech_layout_errors(tmp_path):
