@@ -9,7 +9,13 @@ import soundfile as sf
 
 from jaxspeech.data.audio import AudioDecodeError, decode_audio, load_audio
 from jaxspeech.data.manifest import ManifestSource
-from jaxspeech.data.sources import ConcatSource, SkipCorrupt, SourceSpec, open_source
+from jaxspeech.data.sources import (
+    ConcatSource,
+    SkipCorrupt,
+    SourceSpec,
+    example_to_record,
+    open_source,
+)
 
 
 def _tone(seconds, rate, freq=440.0, channels=1):
@@ -146,6 +152,25 @@ def test_concat_source():
     assert len(both) == 3 and [both[i] for i in range(3)] == [1, 2, 3]
     with pytest.raises(IndexError):
         both[3]
+
+
+def test_example_to_record_tfds_librispeech_features():
+    """TFDS `librispeech` examples: int64 PCM `speech`, bytes text/id, numpy int scalars."""
+    pcm = (np.sin(np.arange(1600) / 10) * 20000).astype(np.int64)
+    example = {
+        "speech": pcm,
+        "text": b"HELLO WORLD",
+        "id": b"84-121123-0000",
+        "speaker_id": np.int64(84),
+        "chapter_id": np.int64(121123),
+    }
+    record = example_to_record(example)
+    assert record["text"] == "HELLO WORLD" and record["id"] == "84-121123-0000"
+    assert record["speaker_id"] == 84 and type(record["speaker_id"]) is int
+    assert record["audio"].dtype == np.float32 and "speech" not in record
+    np.testing.assert_allclose(record["audio"], pcm / 32768.0, atol=1e-7)
+    resampled = example_to_record({"audio": pcm.astype(np.int16), "text": b"x"}, 8000)
+    assert resampled["audio"].size == 3200
 
 
 def test_tfds_not_prepared(tmp_path):
