@@ -1,0 +1,120 @@
+"""`train_and_evaluate` end to end on the tiny spoken-commands corpus: workdir contents,
+checkpoint save/restore with automatic resume (4 + 4 steps == 8 uninterrupted steps), and the
+bad-input errors raised before any training time is spent."""
+
+import importlib.util
+import json
+import os
+
+import jax
+import pytest
+
+from jaxspeech.train import checkpoint, loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(tfds_dir, **train):
+    spec = importlib.util.spec_from_file_location(
+        "commands_tt", os.path.join(ROOT, "experiments", "commands_tt.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")
+    config.data.tfds_data_dir = str(tfds_dir)
+    # Constant LR after warm-up: a run's first 4 steps do not depend on its num_steps.
+    config.optim.schedule = "constant"
+    config.train.update(dict(log_every=1, eval_every=100, checkpoint_every=4, **train))
+    return config
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    # Compiled programs are shared between the runs of this module (same shapes, new jit objects).
+    cache = tmp_path_factory.mktemp("jax_cache")
+    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield tmp_path_factory.mktemp("tfds")
+    jax.config.update("jax_compilation_cache_dir", None)
+
+
+def losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def resumed_run(tfds_dir, tmp_path_factory):
+    """8 steps uninterrupted, and 4 steps then a rerun of the same command to 8."""
+    straight = tmp_path_factory.mktemp("straight")
+    loop.train_and_evaluate(tiny_config(tfds_dir, num_steps=8), str(straight))
+    resumed = tmp_path_factory.mktemp("resumed")
+    first = loop.train_and_evaluate(tiny_config(tfds_dir, num_steps=4), str(resumed))
+    second = loop.train_and_evaluate(tiny_config(tfds_dir, num_steps=8), str(resumed))
+    return straight, resumed, first, second
+
+
+@pytest.mark.slow
+def test_workdir_contents(resumed_run):
+    straight, _, _, _ = resumed_run
+    names = set(os.listdir(straight))
+    assert {"config.json", "metrics.jsonl", "eval.json", "tokenizer", "tensorboard",
+            "checkpoints"} <= names
+    assert os.listdir(os.path.join(straight, "tensorboard"))
+    with open(os.path.join(straight, "metrics.jsonl")) as f:
+        row = json.loads(f.readline())
+    for key in ("step", "loss", "learning_rate", "grad_norm", "steps_per_sec", "audio_sec_per_sec"):
+        assert key in row
+    with open(os.path.join(straight, "eval.json")) as f:
+        report = json.load(f)
+    for key in ("wer", "substitutions", "deletions", "insertions", "num_words", "rtf"):
+        assert key in report
+    assert report["num_utterances"] > 0 and report["step"] == 8
+    with open(os.path.join(straight, "config.json")) as f:
+        assert json.load(f)["train"]["num_steps"] == 8
+
+
+@pytest.mark.slow
+def test_resume_matches_uninterrupted_run(resumed_run):
+    straight, resumed, first, second = resumed_run
+    assert first["step"] == 4 and second["step"] == 8
+    assert checkpoint.Checkpointer(str(resumed)).latest_step() == 8
+    a, b = losses(straight), losses(resumed)
+    assert sorted(b) == list(range(1, 9))  # the rerun continued at step 5
+    for step in range(1, 9):
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-5), step
+
+
+@pytest.mark.slow
+def test_incompatible_checkpoint_is_refused(resumed_run, tfds_dir):
+    straight = resumed_run[0]
+    config = tiny_config(tfds_dir, num_steps=8)
+    config.model.d_model = 64
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match="d_model: checkpoint 32"):
+        loop.train_and_evaluate(config, str(straight))
+
+
+def test_manifest_with_missing_files(tmp_path, tfds_dir):
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text(json.dumps({"audio_filepath": "nowhere/a.wav", "text": "hi"}) + "\n")
+    config = tiny_config(tfds_dir)
+    config.data.train = f"manifest:{manifest}"
+    with pytest.raises(FileNotFoundError, match="nowhere/a.wav"):
+        loop.train_and_evaluate(config, str(tmp_path / "work"))
+    assert not os.path.exists(tmp_path / "work" / "checkpoints")
+
+
+def test_workdir_not_writable(tmp_path, tfds_dir):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(PermissionError, match="cannot write to workdir"):
+        loop.train_and_evaluate(tiny_config(tfds_dir), str(blocker / "work"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_workdir_read_only(tmp_path, tfds_dir):
+    readonly = tmp_path / "ro"
+    readonly.mkdir(mode=0o500)
+    with pytest.raises(PermissionError, match="cannot write to workdir"):
+        loop.train_and_evaluate(tiny_config(tfds_dir), str(readonly))
