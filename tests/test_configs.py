@@ -1,0 +1,66 @@
+"""Every experiment config loads, builds its TransducerConfig and optimizer, and is locked
+(a misspelled key is an error, in Python and on the command line)."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from jaxspeech.train import sharding
+from jaxspeech.train import state as state_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = [("commands_tt.py", None), ("commands_tt.py", "tiny"), ("librispeech_tt.py", None),
+           ("librispeech_tt.py", "/data/LibriSpeech")]
+
+
+def load(name, arg):
+    path = os.path.join(ROOT, "experiments", name)
+    spec = importlib.util.spec_from_file_location(name[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, module.get_config(arg)
+
+
+@pytest.mark.parametrize("name,arg", CONFIGS)
+def test_config_builds(name, arg):
+    module, config = load(name, arg)
+    assert "python scripts/train.py --config experiments/" + name in module.__doc__
+    assert {"model", "data", "optim", "mesh", "train", "eval"} <= set(config.keys())
+    model_cfg = state_lib.model_config(config.model, vocab_size=30, bf16=config.train.bf16)
+    assert model_cfg.vocab_size == 30
+    tx, schedule = state_lib.make_optimizer(config.optim, config.train.num_steps)
+    assert float(schedule(config.optim.warmup_steps)) == pytest.approx(
+        config.optim.learning_rate, rel=1e-3)
+    rules = sharding.axis_rules(config.mesh)
+    assert set(rules) >= {"batch", "embed", "mlp", "heads", "vocab", "joint"}
+    for split in ("train", "validation", "test"):
+        assert ":" in config.data[split]
+
+
+def test_locked_config_rejects_unknown_keys():
+    _, config = load("commands_tt.py", "tiny")
+    config.lock()
+    with pytest.raises(AttributeError):
+        config.train.num_stepz = 3
+    with pytest.raises(ValueError, match="unknown variant"):
+        load("commands_tt.py", "tiny2")
+
+
+def test_unknown_key_on_the_command_line(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "scripts/train.py", "--config", "experiments/commands_tt.py:tiny",
+         "--workdir", str(tmp_path / "w"), "--config.train.num_stepz=3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "num_stepz" in out.stderr
+    assert not os.path.exists(tmp_path / "w")
+
+
+def test_config_dict_round_trips_through_json():
+    _, config = load("commands_tt.py", "tiny")
+    again = ml_collections.ConfigDict(config.to_dict())
+    assert again.model.d_model == config.model.d_model
