@@ -6,6 +6,7 @@ Prints one line per file: `<path>\t<transcript>`.
 """
 
 import argparse
+import os
 
 from jaxspeech.train import evaluate
 
@@ -16,6 +17,9 @@ def main(argv=None):
     p.add_argument("--decoder", choices=("greedy", "beam"), default="greedy")
     p.add_argument("files", nargs="+", help="audio files (wav, flac, ...; resampled to 16 kHz)")
     args = p.parse_args(argv)
+    missing = [f for f in args.files if not os.path.isfile(f)]
+    if missing:  # before the model is loaded
+        raise FileNotFoundError(f"audio files not found: {', '.join(missing)}")
 
     trained = evaluate.load_trained(args.workdir)
     recognizer = evaluate.Recognizer(trained.model, decoder=args.decoder,

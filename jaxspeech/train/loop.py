@@ -55,9 +55,15 @@ def _check_finite(history: list[tuple[int, dict]], policy: str) -> None:
             raise ValueError(f"unknown train.nonfinite policy {policy!r}")
 
 
-def evaluate_split(recognizer, config, split: str, tokenizer, *, max_utterances: int = -1) -> dict:
-    pipeline = data_lib.eval_pipeline(config.data, split, tokenizer)
-    return evaluate_lib.evaluate(recognizer, iter(pipeline), tokenizer,
+def evaluate_split(recognizer, config, split: str, tokenizer, *, max_utterances: int = -1,
+                   pipelines: dict | None = None, cache_dir: str | None = None) -> dict:
+    """Decodes `split` (train/validation/test, a source spec or a .jsonl) and scores it.
+    `pipelines` (a dict) keeps the built pipelines for the next call."""
+    pipelines = {} if pipelines is None else pipelines
+    if split not in pipelines:
+        pipelines[split] = data_lib.eval_pipeline(config.data, split, tokenizer,
+                                                  cache_dir=cache_dir)
+    return evaluate_lib.evaluate(recognizer, iter(pipelines[split]), tokenizer,
                                  max_utterances=max_utterances)
 
 
@@ -82,8 +88,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     latest = ckpt.latest_step()
 
     divisor = sharding_lib.batch_divisor(mesh, rules)
+    cache_dir = os.path.join(workdir, "cache")
     train_pipe = data_lib.train_pipeline(config.data, tokenizer, seed=tc.seed,
-                                         batch_divisor=divisor)
+                                         batch_divisor=divisor, cache_dir=cache_dir)
+    eval_pipelines = {}
     writer = metrics_lib.MetricWriter(workdir, total_steps=tc.num_steps,
                                       initial_step=latest or 0)
     writer.write_config(config)
@@ -139,7 +147,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             if step % tc.eval_every == 0 or step == tc.num_steps:
                 recognizer = _recognizer(recognizer, graphdef, state, config, feature_cfg)
                 report = evaluate_split(recognizer, config, config.data.eval_split, tokenizer,
-                                        max_utterances=config.data.num_eval_utterances)
+                                        max_utterances=config.data.num_eval_utterances,
+                                        pipelines=eval_pipelines, cache_dir=cache_dir)
                 writer.write_scalars(step, {k: report[k] for k in ("wer", "rtf")}, prefix="eval/")
                 writer.log(f"step {step}: {config.data.eval_split} WER {100 * report['wer']:.2f}% "
                            f"on {report['num_utterances']} utterances")
@@ -150,7 +159,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
         # 6. evaluate ----------------------------------------------------------------------------
         recognizer = _recognizer(recognizer, graphdef, state, config, feature_cfg)
-        report = evaluate_split(recognizer, config, "test", tokenizer)
+        report = evaluate_split(recognizer, config, "test", tokenizer, pipelines=eval_pipelines,
+                                cache_dir=cache_dir)
     report.update(step=step, split="test", decoder=config.eval.decoder)
     metrics_lib.write_json(os.path.join(workdir, "eval.json"), report)
     writer.log(f"test WER {100 * report['wer']:.2f}% "

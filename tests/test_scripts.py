@@ -1,0 +1,90 @@
+"""The command-line entry points on a tiny trained workdir: scripts/train.py (subprocess, the real
+CLI), then scripts/evaluate.py on a manifest of wav files and scripts/transcribe.py on the files."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from jaxspeech.data import sources
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+def script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tfds_dir = tmp_path_factory.mktemp("tfds")
+    workdir = tmp_path_factory.mktemp("run") / "work"
+    out = subprocess.run(
+        [sys.executable, "scripts/train.py", "--config", "experiments/commands_tt.py:tiny",
+         "--workdir", str(workdir), f"--config.data.tfds_data_dir={tfds_dir}",
+         "--config.train.num_steps=4", "--config.train.eval_every=4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "test WER" in out.stdout + out.stderr
+    return workdir, tfds_dir
+
+
+@pytest.fixture(scope="module")
+def wav_manifest(trained, tmp_path_factory):
+    _, tfds_dir = trained
+    source = sources.open_source("tfds:spoken_commands/tiny:test", data_dir=str(tfds_dir))
+    folder = tmp_path_factory.mktemp("wavs")
+    lines, paths = [], []
+    for i in range(3):
+        record = source[i]
+        path = folder / f"utt{i}.wav"
+        sf.write(path, np.asarray(record["audio"], np.float32), 16000)
+        paths.append(str(path))
+        lines.append(json.dumps({"audio_filepath": path.name, "text": record["text"]}))
+    manifest = folder / "test.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest, paths
+
+
+def test_train_script_wrote_the_workdir(trained):
+    workdir, _ = trained
+    with open(workdir / "eval.json") as f:
+        report = json.load(f)
+    assert report["step"] == 4 and report["num_utterances"] == 50
+    assert 0.0 <= report["rtf"] and report["wer"] >= 0.0
+
+
+def test_evaluate_script_on_a_manifest(trained, wav_manifest, capsys):
+    workdir, _ = trained
+    manifest, _ = wav_manifest
+    script("evaluate").main(["--workdir", str(workdir), "--manifest", str(manifest)])
+    printed = capsys.readouterr().out
+    assert "WER" in printed and "RTF" in printed
+    with open(workdir / "eval_test.jsonl_greedy.json") as f:
+        report = json.load(f)
+    assert report["num_utterances"] == 3
+    assert {"substitutions", "deletions", "insertions", "rtf"} <= set(report)
+
+
+def test_transcribe_script(trained, wav_manifest, capsys):
+    workdir, _ = trained
+    _, paths = wav_manifest
+    script("transcribe").main(["--workdir", str(workdir), *paths])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == paths
+
+
+def test_transcribe_missing_file(trained, tmp_path):
+    workdir, _ = trained
+    with pytest.raises(FileNotFoundError, match="nope.wav"):
+        script("transcribe").main(["--workdir", str(workdir), str(tmp_path / "nope.wav")])
