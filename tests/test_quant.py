@@ -276,3 +276,57 @@ def test_qat_on_nnx_state_train_step():
     assert np.unique(np.asarray(eff.out.kernel[...])[:, 3]).size <= 4
     np.testing.assert_array_equal(eff.embed.embedding[...], qp.params["embed"]["embedding"][...])
     assert not np.array_equal(eff.embed.embedding[...], model.embed.embedding[...])  # trained
+
+
+@pytest.mark.slow  # compiles a transducer loss and its gradient (~30 s on 2 loaded cores)
+def test_qat_on_transformer_transducer_forward_grad_and_export(tmp_path):
+    from jaxspeech.models import TransducerConfig, TransformerTransducer
+    from jaxspeech.quant.export import export_quantized, load_quantized
+
+    cfg = TransducerConfig(
+        num_mels=16,
+        vocab_size=11,
+        d_model=32,
+        num_heads=2,
+        mlp_dim=64,
+        num_layers=2,
+        subsampling_channels=4,
+        chunk_size=2,
+        left_chunks=2,
+        predictor_dim=24,
+        joint_dim=20,
+        dropout=0.0,
+    )
+    model = TransformerTransducer(cfg, rngs=nnx.Rngs(0))
+    model.eval()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    rules = qat.default_rules(bits=2, squash="tanh", warmup_steps=1)
+    sel = qat.selected(params, rules)
+    assert sel["encoder/blocks/0/attn/query/kernel"].channel_axes == (-2, -1)
+    assert "encoder/blocks/1/ffn/up/kernel" in sel and "joint/out/kernel" in sel
+    assert not any("embed" in p or "norm" in p or p.endswith("bias") for p in sel)
+    qp = qat.qat_init(params, rules)
+    feats = jax.random.normal(jax.random.key(1), (2, 24, 16))
+    batch = (feats, jnp.array([24, 17]), jnp.array([[1, 2, 3], [4, 5, 0]]), jnp.array([3, 2]))
+
+    @jax.jit
+    def loss_fn(p):
+        return nnx.merge(graphdef, p, rest).loss(*batch).mean()
+
+    @jax.jit
+    @jax.value_and_grad
+    def qat_loss(qp, step):
+        return loss_fn(qat.qat_apply(qp, rules, step)) + qat.qat_regularizer(qp, rules, 0.01)
+
+    loss, g = qat_loss(qp, jnp.int32(1))
+    gq = g.params["encoder"]["blocks"][0]["attn"]["query"]["kernel"][...]
+    assert np.isfinite(loss) and np.all(np.isfinite(gq)) and float(jnp.abs(gq).max()) > 0
+    apply = jax.jit(qat.qat_apply, static_argnums=1)
+    eff, eff0 = apply(qp, rules, jnp.int32(1)), apply(qp, rules, jnp.int32(0))
+    assert loss_fn(eff) != loss_fn(eff0)  # quantized after the warm-up step only
+    np.testing.assert_allclose(loss, loss_fn(eff) + qat.qat_regularizer(qp, rules, 0.01), rtol=1e-5)
+    # inference from the artifact gives exactly the QAT model's outputs
+    report = export_quantized(qp, rules, tmp_path / "tt.jxq")
+    loaded = load_quantized(tmp_path / "tt.jxq", template=params)
+    np.testing.assert_array_equal(loss_fn(loaded), loss_fn(eff))
+    assert report.kernel_ratio > 10

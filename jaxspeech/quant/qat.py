@@ -82,9 +82,13 @@ def default_rules(
     bits: int = 4, squash: str = "tanh", warmup_steps: int = 0, **kw
 ) -> tuple[QuantRule, ...]:
     """Every ``kernel`` of ndim >= 2 (attention, feed-forward, convolution, predictor, joint)
-    quantized; embeddings (``embedding``), norms and biases stay float."""
+    quantized; embeddings (``embed``/``embedding``), norms and biases stay float.
+
+    Attention ``query``/``key``/``value`` kernels (``[embed, heads, kv]``) get a scale per
+    (head, kv) output channel; every other kernel one per last-axis output channel."""
     return (
-        QuantRule(r"embed", None),
+        QuantRule(r"(^|/)embed(ding)?(/|$)", None),
+        QuantRule(r"(query|key|value)/kernel$", bits, squash, warmup_steps, (-2, -1), **kw),
         QuantRule(r"(^|/)kernel$", bits, squash, warmup_steps, **kw),
     )
 
