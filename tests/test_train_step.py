@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxspeech import features
-from jaxspeech.train import sharding
+from jaxspeech.train import loop, sharding
 from jaxspeech.train import state as state_lib
 from jaxspeech.train import step as step_lib
 
@@ -61,7 +61,7 @@ def run_steps(mesh_sizes=(1, 1, 1), num_steps=NUM_STEPS):
             metrics.append(m)
     metrics = jax.device_get(metrics)
     return ([float(m["loss"]) for m in metrics], [float(m["grad_norm"]) for m in metrics],
-            state, shardings)
+            state, shardings, (mesh, train_step, bsharding))
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +69,9 @@ def one_device_run():
     return run_steps()
 
 
+@pytest.mark.slow  # ~30 s on 2 busy CPU cores, nearly all of it compiling init + step
 def test_train_step_runs_and_loss_decreases(one_device_run):
-    losses, grad_norms, state, _ = one_device_run
+    losses, grad_norms, state, _, _ = one_device_run
     assert int(state["step"]) == NUM_STEPS
     assert all(np.isfinite(losses)) and all(np.isfinite(grad_norms))
     assert losses[-1] < 0.5 * losses[0], losses
@@ -87,6 +88,23 @@ def test_state_is_sharded_by_the_rules():
 
 
 @pytest.mark.slow
+def test_nonfinite_loss_keeps_state_and_fails_fast(one_device_run):
+    _, _, state, _, (mesh, train_step, bsharding) = one_device_run
+    batch = fixed_batch()
+    batch["audio"][0, 100] = np.nan
+    before = jax.device_get(state["params"])
+    step = int(state["step"])
+    with jax.set_mesh(mesh):
+        state, metrics = train_step(state, sharding.shard_batch(batch, bsharding))
+    metrics = jax.device_get(metrics)
+    assert metrics["finite"] == 0.0 and not np.isfinite(metrics["loss"])
+    assert int(state["step"]) == step + 1
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]), before)
+    with pytest.raises(loop.NonFiniteLossError, match=f"non-finite loss at step {step + 1}"):
+        loop._check_finite([(step, {"finite": 1.0}), (step + 1, metrics)], "fail")
+
+
+@pytest.mark.slow
 def test_one_vs_eight_devices_same_losses(one_device_run):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
@@ -100,6 +118,6 @@ def test_one_vs_eight_devices_same_losses(one_device_run):
 
 
 if __name__ == "__main__":  # the 8-device half of the test above, in its own process
-    losses, _, state, shardings = run_steps(mesh_sizes=(2, 2, 2))
+    losses, _, state, shardings, _ = run_steps(mesh_sizes=(2, 2, 2))
     specs = sorted({str(s.spec) for s in jax.tree.leaves(shardings["params"])})
     print(json.dumps({"num_devices": jax.device_count(), "losses": losses, "param_specs": specs}))
