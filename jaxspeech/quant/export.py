@@ -25,6 +25,7 @@ the very function (and float32 arithmetic) of the QAT forward pass, so the loade
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -86,27 +87,17 @@ def _checksum(header: dict, payload: bytes) -> str:
     return hashlib.sha256(_canonical(body) + payload).hexdigest()
 
 
-@jax.jit
-def _quantized_parts(qparams: QATParams, rules_key):
+@functools.partial(jax.jit, static_argnums=1)
+def _quantized_parts(qparams: QATParams, rules: tuple[QuantRule, ...]):
     """Codes and scales of every selected kernel, computed as ``qat_apply`` computes them."""
-    rules = rules_key.rules
     out = {}
     for kp, leaf in jax.tree_util.tree_flatten_with_path(qparams.params)[0]:
         path = "/".join(str(p) for p in path_parts(kp))
         rule = match_rule(path, leaf, rules)
         if rule is not None:
             w, scale = effective_kernel(leaf, qparams.amplitudes.get(path), rule)
-            scale = jnp.broadcast_to(scale, scale.shape).astype(jnp.float32)
-            out[path] = (quantize(w, rule.bits, scale), scale)
+            out[path] = (quantize(w, rule.bits, scale), scale.astype(jnp.float32))
     return out
-
-
-@dataclasses.dataclass(frozen=True)
-class _Rules:  # hashable static wrapper so the rules are a compile-time constant
-    rules: tuple[QuantRule, ...]
-
-
-jax.tree_util.register_static(_Rules)
 
 
 def export_quantized(params: Any, rules, path: str | os.PathLike) -> ExportReport:
@@ -117,7 +108,7 @@ def export_quantized(params: Any, rules, path: str | os.PathLike) -> ExportRepor
     """
     rules = tuple(rules)
     qparams = params if isinstance(params, QATParams) else qat_init(params, rules)
-    parts = _quantized_parts(qparams, _Rules(rules))
+    parts = _quantized_parts(qparams, rules)
     entries, blobs, offset = [], [], 0
     f32 = kern = kern_f32 = 0
 
