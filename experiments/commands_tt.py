@@ -62,11 +62,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             tfds_data_dir="",  # '' = TFDS default (~/tensorflow_datasets or $TFDS_DATA_DIR)
             tokenizer="char",  # 'char' | 'sentencepiece'
             vocab_size=0,  # sentencepiece only
-            bucket_seconds=(2.0, 4.0) if tiny else (2.0, 3.0, 4.5, 6.0),
+            bucket_seconds=() if tiny else (2.0, 3.0, 4.5, 6.0),  # + max_duration
             batch_size=4 if tiny else BATCH,
             eval_batch_size=4 if tiny else 32,
-            max_duration=6.0,
-            max_label_length=64,
+            max_duration=4.5 if tiny else 6.0,
+            max_label_length=96,
             num_norm_utterances=16 if tiny else 300,
             num_eval_utterances=8 if tiny else 200,  # periodic validation subset (-1 = all)
             eval_split="validation",  # which of train/validation/test the periodic eval uses
