@@ -141,6 +141,7 @@ def test_rules_select_kernels_only():
     assert set(qat.selected(params, qat.default_rules(4))) == set(sel)
     with pytest.raises(ValueError, match="bits"):
         qat.QuantRule("kernel", 9)
+    assert qat.QuantRule("kernel", 2, channel_axes=-1).channel_axes == (-1,)
 
 
 def test_qat_apply_warmup_in_one_program_and_gradients():

@@ -49,7 +49,7 @@ class QuantRule:
     bits: int | None  # None: keep matching leaves in float (an exclusion rule)
     squash: str = "tanh"  # 'tanh' | 'cdf' | 'identity'
     warmup_steps: int = 0  # float training (w = a f(theta), unquantized) before this step
-    channel_axes: tuple[int, ...] = (-1,)  # output-channel axes (flax kernels: the last one)
+    channel_axes: int | tuple[int, ...] = (-1,)  # output-channel axes (flax: the last one)
     sigma: float = 1.0  # the 'cdf' squash's Gaussian scale
     learn_scale: bool = True  # train the amplitude a (else frozen at its init)
     amplitude_init: str = "max"  # 'max' | 'std', see squash.init_amplitude
@@ -63,6 +63,8 @@ class QuantRule:
         if self.squash not in sq.SQUASHES:
             raise ValueError(f"rule {self.pattern!r}: squash must be one of {sq.SQUASHES}")
         re.compile(self.pattern)
+        axes = self.channel_axes
+        object.__setattr__(self, "channel_axes", (axes,) if isinstance(axes, int) else tuple(axes))
 
     @property
     def var_target(self) -> float:
