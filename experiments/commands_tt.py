@@ -16,7 +16,7 @@ the config is locked, so a misspelled key is an error.
 import ml_collections
 
 # The numbers that decide the run's cost and quality, in one place.
-STEPS, BATCH, D_MODEL, LAYERS, LR = 1500, 16, 144, 4, 2e-3
+STEPS, BATCH, D_MODEL, LAYERS, LR = 1000, 16, 144, 4, 2e-3
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -56,24 +56,26 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, fea
         key = jax.random.fold_in(base_key, step)
         feats, feat_lengths = _features(batch, feature_cfg, spec_augment_cfg, key)
 
-        def loss_fn(params):
-            model = nnx.merge(graphdef, params, state["rest"])
-            model.train()
-            total, count, tokens = _loss_sums(model, batch, feats, feat_lengths)
-            _, _, rest = nnx.split(model, nnx.Param, ...)
-            return total / jnp.maximum(count, 1.0), (rest, total, count, tokens)
+        model = nnx.merge(graphdef, state["params"], state["rest"])
+        model.train()
 
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (rest, total, count, tokens)), grads = grad_fn(state["params"])
+        def loss_fn(model):
+            total, count, tokens = _loss_sums(model, batch, feats, feat_lengths)
+            return total / jnp.maximum(count, 1.0), (total, count, tokens)
+
+        # nnx.value_and_grad (not jax's) so that stateful parts (dropout RNG counters) may update.
+        grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
+        (loss, (total, count, tokens)), grads = grad_fn(model)
+        _, _, rest = nnx.split(model, nnx.Param, ...)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        new = {"step": step + 1, "params": params, "rest": rest, "opt_state": opt_state}
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # Keep the old state on a non-finite step (only the step counter and RNG advance).
-        kept = {"step": step + 1, "params": state["params"], "rest": rest,
-                "opt_state": state["opt_state"]}
-        new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, kept)
+        # Keep the old parameters and optimizer state on a non-finite step (the step counter and
+        # the RNG streams still advance).
+        updated = jax.tree.map(lambda a, b: jnp.where(finite, a, b), (params, opt_state),
+                               (state["params"], state["opt_state"]))
+        new = {"step": step + 1, "params": updated[0], "rest": rest, "opt_state": updated[1]}
         metrics = {
             "loss": loss,
             "loss_per_token": total / jnp.maximum(tokens, 1.0),
