@@ -73,10 +73,11 @@ def white_noise(rng: np.random.Generator, n: int) -> np.ndarray:
 
 def pink_noise(rng: np.random.Generator, n: int) -> np.ndarray:
     """1/f power spectrum noise by shaping white noise in the frequency domain."""
-    spec = np.fft.rfft(rng.standard_normal(n))
+    size = 1 << max(n - 1, 1).bit_length()  # a power of two: fast FFT
+    spec = np.fft.rfft(rng.standard_normal(size))
     freqs = np.arange(spec.size, dtype=np.float64)
     freqs[0] = 1.0
-    pink = np.fft.irfft(spec / np.sqrt(freqs), n)
+    pink = np.fft.irfft(spec / np.sqrt(freqs), size)[:n]
     return (pink / math.sqrt(max(power(pink), 1e-20))).astype(np.float32)
 
 

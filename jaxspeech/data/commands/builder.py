@@ -9,6 +9,8 @@ Read (no TensorFlow needed; array_record files):
 
 Each example is `render_example(split, index, seed, difficulty)`: a pure function of its arguments,
 computed in worker processes (one espeak engine each) and identical however the work is scheduled.
+Sizes, seed and difficulty are `SpokenCommandsConfig` fields; pass your own config object to
+`tfds.builder("spoken_commands", config=SpokenCommandsConfig(name=..., ...))` for other sizes.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from jaxspeech.data.commands import augment, grammar, tts
 
 SAMPLE_RATE = augment.SAMPLE_RATE
 DEFAULT_DIFFICULTY = augment.Difficulty()
+# Utterances spoken in one espeak fork (see `tts.Espeak.synthesize_many`): example i's audio
+# depends on the examples of its group before it, a fixed unit whatever the scheduling.
+GROUP_SIZE = 16
 _BABBLE_POOL_SIZE = 32
 _BABBLE_SALT = 0x5BD1E995
 
@@ -52,33 +57,74 @@ CONFIGS = (
     ),
     SpokenCommandsConfig(
         name="default",
-        description="~10.5 h train, ~1 h validation and ~1 h test.",
-        num_train=15000,
-        num_validation=1400,
-        num_test=1400,
+        description="~10.6 h train (17000 utterances), ~1 h validation and ~1 h test.",
+        num_train=17000,
+        num_validation=1600,
+        num_test=1600,
         num_workers=2,
     ),
 )
 
 
+def _request(rng: np.random.Generator, text: str, voice: str, d: augment.Difficulty):
+    return tts.Request(
+        text,
+        voice,
+        rate=int(rng.integers(d.rate_wpm[0], d.rate_wpm[1] + 1)),
+        pitch=int(rng.integers(d.pitch[0], d.pitch[1] + 1)),
+        pitch_range=int(rng.integers(d.pitch_range[0], d.pitch_range[1] + 1)),
+        seed=int(rng.integers(2**31)),
+    )
+
+
 @functools.lru_cache(maxsize=4)
 def babble_pool(split: str, seed: int, difficulty: augment.Difficulty) -> list[np.ndarray]:
     """Clean 16 kHz utterances (the split's own voices) that babble noise is made from."""
-    eng = tts.engine()
     split_voices = tts.voices(split)
-    pool = []
+    requests = []
     for i in range(_BABBLE_POOL_SIZE):
-        utt = grammar.make_utterance(split, i, seed ^ _BABBLE_SALT)
         rng = np.random.default_rng([seed, grammar.split_code(split), i, _BABBLE_SALT])
-        raw = eng.synthesize(
-            utt.text,
-            split_voices[int(rng.integers(len(split_voices)))],
-            rate=int(rng.integers(*difficulty.rate_wpm)),
-            pitch=int(rng.integers(*difficulty.pitch)),
-            seed=int(rng.integers(2**31)),
-        )
-        pool.append(augment.resample_with_speed(raw, tts.NATIVE_RATE, 1.0))
-    return pool
+        voice = split_voices[int(rng.integers(len(split_voices)))]
+        text = grammar.make_utterance(split, i, seed ^ _BABBLE_SALT).text
+        requests.append(_request(rng, text, voice, difficulty))
+    raws = tts.engine().synthesize_many(requests)
+    return [augment.resample_with_speed(raw, tts.NATIVE_RATE, 1.0) for raw in raws]
+
+
+def _plan(split: str, index: int, seed: int, d: augment.Difficulty):
+    """(utterance, espeak request, generator for the augmentation) of one example."""
+    utt = grammar.make_utterance(split, index, seed)
+    rng = np.random.default_rng([seed, grammar.split_code(split), index, 0x617564])
+    split_voices = tts.voices(split)
+    voice = split_voices[int(rng.integers(len(split_voices)))]
+    return utt, _request(rng, utt.text, voice, d), rng
+
+
+def _render_group(
+    split: str, indices: range, seed: int, d: augment.Difficulty, return_clean: bool = False
+) -> list[tuple[int, dict]]:
+    """Examples `indices` (within one group), spoken in one espeak fork."""
+    plans = [_plan(split, i, seed, d) for i in indices]
+    raws = tts.engine().synthesize_many([request for _, request, _ in plans])
+    pool = babble_pool(split, seed, d) if d.clean_fraction < 1.0 else []
+    out = []
+    for index, (utt, request, rng), raw in zip(indices, plans, raws, strict=True):
+        audio, clean, snr, kind = augment.perturb_and_mix(raw, tts.NATIVE_RATE, rng, d, pool)
+        example = {
+            "id": f"{split}-{index:07d}",
+            "audio": audio,
+            "text": utt.text,
+            "voice": request.voice,
+            "snr": np.float32(snr),
+            "noise": kind,
+            "context": list(utt.context),
+            "name": utt.name,
+            "template": utt.template,
+        }
+        if return_clean:
+            example["clean"] = clean
+        out.append((index, example))
+    return out
 
 
 def render_example(
@@ -90,54 +136,34 @@ def render_example(
 ) -> dict:
     """The `index`-th example of `split` as a TFDS feature dict (deterministic).
 
-    With `return_clean`, also returns the 16 kHz float speech before noise (key `clean`).
+    Speaks the utterances of its group before it too (see `GROUP_SIZE`). With `return_clean`,
+    also returns the 16 kHz float speech before noise (key `clean`).
     """
-    utt = grammar.make_utterance(split, index, seed)
-    rng = np.random.default_rng([seed, grammar.split_code(split), index, 0x617564])
-    split_voices = tts.voices(split)
-    voice = split_voices[int(rng.integers(len(split_voices)))]
-    d = difficulty
-    raw = tts.engine().synthesize(
-        utt.text,
-        voice,
-        rate=int(rng.integers(d.rate_wpm[0], d.rate_wpm[1] + 1)),
-        pitch=int(rng.integers(d.pitch[0], d.pitch[1] + 1)),
-        pitch_range=int(rng.integers(d.pitch_range[0], d.pitch_range[1] + 1)),
-        seed=int(rng.integers(2**31)),
-    )
-    pool = babble_pool(split, seed, difficulty) if d.clean_fraction < 1.0 else []
-    audio, clean, snr, kind = augment.perturb_and_mix(raw, tts.NATIVE_RATE, rng, d, pool)
-    example = {
-        "id": f"{split}-{index:07d}",
-        "audio": audio,
-        "text": utt.text,
-        "voice": voice,
-        "snr": np.float32(snr),
-        "noise": kind,
-        "context": list(utt.context),
-        "name": utt.name,
-        "template": utt.template,
-    }
-    if return_clean:
-        example["clean"] = clean
-    return example
+    start = index - index % GROUP_SIZE
+    return _render_group(split, range(start, index + 1), seed, difficulty, return_clean)[-1][1]
 
 
-def _render_keyed(index: int, split: str, seed: int, difficulty: augment.Difficulty):
-    return index, render_example(split, index, seed, difficulty)
+def _render_group_job(group: int, split: str, count: int, seed: int, d: augment.Difficulty):
+    indices = range(group * GROUP_SIZE, min((group + 1) * GROUP_SIZE, count))
+    return _render_group(split, indices, seed, d)
 
 
 def render_many(
     split: str, count: int, seed: int, difficulty: augment.Difficulty, num_workers: int
 ):
     """Yields (index, example) for indices 0..count-1 in order, using `num_workers` processes
-    (spawned, one espeak engine each; espeak is not thread-safe)."""
-    job = functools.partial(_render_keyed, split=split, seed=seed, difficulty=difficulty)
-    if num_workers <= 1 or count < 8 * num_workers:
-        yield from map(job, range(count))
+    (spawned, one espeak engine each; espeak is not thread-safe). The output does not depend on
+    `num_workers` or scheduling: groups of `GROUP_SIZE` consecutive examples are fixed units."""
+    job = functools.partial(_render_group_job, split=split, count=count, seed=seed, d=difficulty)
+    groups = range(-(-count // GROUP_SIZE))
+    if num_workers <= 1 or len(groups) < 2:
+        results = map(job, groups)
+        for group in results:
+            yield from group
         return
     with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
-        yield from pool.imap(job, range(count), chunksize=16)
+        for group in pool.imap(job, groups):
+            yield from group
 
 
 def to_record(example: dict) -> dict:

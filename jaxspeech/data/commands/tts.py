@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
+from typing import NamedTuple
 
 import numpy as np
 
@@ -109,6 +111,18 @@ _SYNTH_CALLBACK = ctypes.CFUNCTYPE(
 
 
 _LIBC = ctypes.CDLL(None)
+
+
+class Request(NamedTuple):
+    """One utterance to speak: rate in words/min (80-450), pitch and pitch_range in 0-100 (50 is
+    the voice's normal), seed for espeak's noise sources (breath, aspiration)."""
+
+    text: str
+    voice: str
+    rate: int = 175
+    pitch: int = 50
+    pitch_range: int = 50
+    seed: int = 0
 
 
 class EspeakError(RuntimeError):
@@ -221,36 +235,30 @@ class Espeak:
             raise EspeakError(f"espeak produced no audio for {text!r} with voice {voice!r}")
         return np.concatenate(self._chunks)
 
-    def synthesize(
-        self,
-        text: str,
-        voice: str,
-        *,
-        rate: int = 175,
-        pitch: int = 50,
-        pitch_range: int = 50,
-        seed: int = 0,
-    ) -> np.ndarray:
-        """Speak `text`: int16 samples at `NATIVE_RATE`. rate in words/min (80-450), pitch and
-        pitch_range in 0-100 (50 is the voice's normal), seed for espeak's noise sources.
+    def synthesize_many(self, requests: list[Request]) -> list[np.ndarray]:
+        """Speak each request in order: int16 samples at `NATIVE_RATE` per request.
 
-        espeak carries state from one utterance to the next (wavegen phase, timing; even with
-        fixed random seeds and re-initialization), so each utterance is spoken in a forked child
-        of this never-used engine: equal arguments give bit-identical audio in any process and
-        order. The fork costs ~5 ms, about as much as the synthesis itself.
+        espeak carries state from one utterance to the next (wavegen phase, timing), even with
+        fixed random seeds and re-initialization. So a batch is spoken in a forked child of this
+        never-used engine: the audio of request k depends only on requests 0..k of the batch,
+        bit-identically in any process and order. A fork costs a few ms, as much as speaking one
+        utterance, so callers batch a fixed group of utterances per fork.
         """
-        self._check_voice(voice)
+        for request in requests:
+            self._check_voice(request.voice)
         read_fd, write_fd = os.pipe()
         pid = os.fork()
-        if pid == 0:  # child: speak, send status byte + payload, exit without cleanup
-            status, payload = 0, b""
+        if pid == 0:  # child: speak, send status byte + length-prefixed payloads, exit
+            status, parts = 0, []
             try:
                 os.close(read_fd)
-                payload = self._speak_here(text, voice, rate, pitch, pitch_range, seed).tobytes()
+                for r in requests:
+                    pcm = self._speak_here(*r).tobytes()
+                    parts += [struct.pack("<q", len(pcm)), pcm]
             except BaseException as e:  # noqa: BLE001 - reported to the parent
-                status, payload = 1, f"{type(e).__name__}: {e}".encode()
+                status, parts = 1, [f"{type(e).__name__}: {e}".encode()]
             try:
-                view = memoryview(bytes([status]) + payload)
+                view = memoryview(b"".join([bytes([status]), *parts]))
                 while view:
                     view = view[os.write(write_fd, view) :]
             finally:
@@ -261,8 +269,17 @@ class Espeak:
         _, exit_code = os.waitpid(pid, 0)
         if not message or message[0] != 0 or exit_code != 0:
             detail = message[1:].decode(errors="replace") if message else "no output"
-            raise EspeakError(f"espeak synthesis failed for {text!r} ({voice}): {detail}")
-        return np.frombuffer(message[1:], np.int16).copy()
+            raise EspeakError(f"espeak synthesis failed: {detail}")
+        out, pos = [], 1
+        for _ in requests:
+            (size,) = struct.unpack_from("<q", message, pos)
+            out.append(np.frombuffer(message, np.int16, size // 2, pos + 8).copy())
+            pos += 8 + size
+        return out
+
+    def synthesize(self, text: str, voice: str, **params) -> np.ndarray:
+        """Speak one utterance; `params` are the other `Request` fields."""
+        return self.synthesize_many([Request(text, voice, **params)])[0]
 
 
 _ENGINE: Espeak | None = None
