@@ -4,7 +4,8 @@
     python scripts/build_corpus.py --config default --data_dir ~/tensorflow_datasets  # minutes
     python scripts/build_corpus.py --config default --num_train 2000 --seed 3 --name small_s3
 
-Building needs TensorFlow (`pip install -e .[build]`); reading the result does not:
+Neither building (TFDS 4.9.10, array_record) nor reading imports TensorFlow; older TFDS may
+need it to build (`pip install -e .[build]`). Read with
 `tfds.data_source("spoken_commands/<config>", split=..., data_dir=...)` after
 `import jaxspeech.data.commands`. A config with overridden sizes/seed gets its own name (--name),
 so it never collides with the registered `tiny`/`default` in the cache.

@@ -4,8 +4,11 @@ Importing this package registers the TFDS builder `spoken_commands` (configs `ti
 
     import tensorflow_datasets as tfds
     import jaxspeech.data.commands
-    tfds.builder("spoken_commands/tiny", data_dir=d).download_and_prepare()  # needs TensorFlow
-    ds = tfds.data_source("spoken_commands/tiny", split="train", data_dir=d)  # no TensorFlow
+    tfds.builder("spoken_commands/tiny", data_dir=d).download_and_prepare()
+    ds = tfds.data_source("spoken_commands/tiny", split="train", data_dir=d)
+
+Neither call imports TensorFlow (array_record files; TFDS 4.9.10 writes them without TF). Older
+TFDS versions may need it to build: `pip install -e .[build]`.
 
 Modules: `grammar` (utterance text and context lists), `tts` (espeak-ng via ctypes, voices),
 `augment` (difficulty knobs, speed perturbation, noise at an SNR), `builder` (the TFDS builder).

@@ -1,8 +1,9 @@
 """TFDS builder `spoken_commands`: the offline spoken-commands corpus.
 
-Build (needs TensorFlow, e.g. `pip install jaxspeech[build]`):
+Build (array_record files; TFDS 4.9.10 writes them without importing TensorFlow, older TFDS may
+need `pip install -e .[build]`):
     python scripts/build_corpus.py --config default --data_dir ~/tensorflow_datasets
-Read (no TensorFlow needed; array_record files):
+Read (no TensorFlow):
     import jaxspeech.data.commands  # registers the builder
     ds = tfds.data_source("spoken_commands/default", split="train", data_dir=...)
     example = ds[0]  # dict: id, audio (int16 [N] at 16 kHz), text, voice, snr, noise, context, ...
