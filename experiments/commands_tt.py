@@ -132,6 +132,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
 
     c.eval = ml_collections.ConfigDict(
-        dict(decoder="greedy", beam_size=4, max_symbols_per_frame=3, max_output_len=64)
+        # max_output_len=0: T * max_symbols_per_frame (never truncates)
+        dict(decoder="greedy", beam_size=4, max_symbols_per_frame=3, max_output_len=0)
     )
     return c

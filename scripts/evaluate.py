@@ -32,7 +32,8 @@ def main(argv=None):
     decoder = args.decoder or config.eval.decoder
     recognizer = evaluate.Recognizer(
         trained.model, decoder=decoder, beam_size=args.beam_size or config.eval.beam_size,
-        max_symbols_per_frame=config.eval.max_symbols_per_frame)
+        max_symbols_per_frame=config.eval.max_symbols_per_frame,
+        max_output_len=config.eval.max_output_len)
     split = f"manifest:{args.manifest}" if args.manifest else args.split
     report = loop.evaluate_split(recognizer, config, split, trained.tokenizer,
                                  max_utterances=args.max_utterances)

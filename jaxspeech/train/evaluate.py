@@ -7,6 +7,7 @@ and the real-time factor (decode wall time / audio duration).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -21,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jaxspeech import decoding, features
+from jaxspeech.decoding.greedy import encode_projected
 
 
 def normalize_text(text: str) -> str:
@@ -60,7 +62,8 @@ class Recognizer:
     """A jitted audio -> token ids function for a TransformerTransducer (eval mode)."""
 
     def __init__(self, model, feature_cfg: features.FeatureConfig | None = None, *,
-                 decoder: str = "greedy", beam_size: int = 4, max_symbols_per_frame: int = 3):
+                 decoder: str = "greedy", beam_size: int = 4, max_symbols_per_frame: int = 3,
+                 max_output_len: int | None = None):
         if decoder not in ("greedy", "beam"):
             raise ValueError(f"decoder must be 'greedy' or 'beam', got {decoder!r}")
         self.feature_cfg = feature_cfg or features.FeatureConfig()
@@ -71,11 +74,19 @@ class Recognizer:
         def decode(state, audio, audio_lengths):
             model = nnx.merge(self.graphdef, state)
             feats, feat_lengths = features.log_mel(audio, audio_lengths, feature_cfg)
+            options = dict(max_symbols_per_frame=max_symbols_per_frame)
+            if max_output_len:
+                options["max_output_len"] = max_output_len
             if decoder == "beam":
-                out = decoding.transducer_beam(model, feats, feat_lengths, beam_size=beam_size)
+                search = functools.partial(decoding.beam_search, beam_size=beam_size)
             else:
-                out = decoding.transducer_greedy(
-                    model, feats, feat_lengths, max_symbols_per_frame=max_symbols_per_frame)
+                search = decoding.greedy_search
+            # The search functions on the merged model, inside this jit (what
+            # `decoding.transducer_greedy` does, without its nested jit keyed on the graphdef).
+            enc_proj, enc_lengths = encode_projected(model, feats, feat_lengths)
+            pred_step, joint_fn = decoding.model_callables(model)
+            pred_state = model.predictor.init_state(feats.shape[0])
+            out = search(enc_proj, enc_lengths, pred_state, pred_step, joint_fn, **options)
             return _decode_output(out)
 
         self._decode = jax.jit(decode)

@@ -182,6 +182,7 @@ def _recognizer(recognizer, graphdef, state, config, feature_cfg):
     if recognizer is None:
         return evaluate_lib.Recognizer(
             model, feature_cfg, decoder=config.eval.decoder, beam_size=config.eval.beam_size,
-            max_symbols_per_frame=config.eval.max_symbols_per_frame)
+            max_symbols_per_frame=config.eval.max_symbols_per_frame,
+            max_output_len=config.eval.max_output_len)
     recognizer.set_model(model)
     return recognizer
