@@ -68,6 +68,19 @@ def test_fused_matches_materialized(time_chunk):
         assert not np.any(enc_grad[b, tl:]) and np.all(np.abs(enc_grad[b, :tl]).sum(-1) > 0)
 
 
+def test_fused_ignores_garbage_in_padded_frames_and_labels():
+    params, enc, pred, labels = _inputs()
+    (_, losses), grads = fused_vg[3](params, enc, pred, labels)
+    for b, (tl, ul) in enumerate(zip(LOGIT_LENGTHS, LABEL_LENGTHS, strict=True)):
+        enc = enc.at[b, tl:].set(jnp.nan)
+        pred = pred.at[b, ul + 1:].set(1e4)
+        labels = labels.at[b, ul:].set(-3)
+    (_, losses2), grads2 = fused_vg[3](params, enc, pred, labels)
+    np.testing.assert_array_equal(losses2, losses)
+    for g, g2 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads2), strict=True):
+        np.testing.assert_array_equal(g2, g)
+
+
 def test_fused_bfloat16_matches_materialized():
     args = _inputs(1, jnp.bfloat16)
     (_, ref_losses), ref_grads = materialized_vg(*args)

@@ -105,6 +105,20 @@ def test_values_and_grads_match_float64_brute_force():
     _assert_grad_close(grad, brute_grad(logits, LOGIT_LENGTHS, labels, LABEL_LENGTHS, weights))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_label_equal_to_blank_without_validation(dtype):
+    # Invalid data (validation would reject it), but the math must still be the exact RNN-T loss.
+    logits, labels = _inputs(9)
+    logits = np.asarray(jnp.asarray(logits, dtype).astype(jnp.float32), np.float64)
+    labels[:, 0] = 0
+    losses, grad, _ = _run(logits, labels, dtype=dtype)
+    np.testing.assert_allclose(losses, brute_batch(logits, LOGIT_LENGTHS, labels, LABEL_LENGTHS),
+                               rtol=1e-5)
+    ref = brute_grad(logits, LOGIT_LENGTHS, labels, LABEL_LENGTHS, np.ones(B))
+    np.testing.assert_allclose(grad, ref, rtol=1e-2 if dtype == jnp.bfloat16 else 1e-4,
+                               atol=1e-2 * np.abs(ref).max())
+
+
 def test_padding_is_ignored_and_gets_zero_grad():
     logits, labels = _inputs(1)
     losses, grad, _ = _run(logits, labels)

@@ -65,6 +65,14 @@ def rnnt_loss_fused(encoder_out, predictor_out, joint_fn, labels, logit_lengths,
 def _fused(encoder_out, predictor_out, joint_fn, labels, logit_lengths, label_lengths, blank_id,
            chunk):
     b, t, j = encoder_out.shape
+    logit_lengths = jnp.asarray(logit_lengths, jnp.int32)
+    label_lengths = jnp.asarray(label_lengths, jnp.int32)
+    # Zero the padding so that garbage there (even NaN) cannot reach the joint's gradients
+    # (e.g. NaN * 0 in the weight gradient); the lattice ignores those frames anyway.
+    frame_ok = jnp.arange(t)[None, :, None] < logit_lengths[:, None, None]
+    encoder_out = jnp.where(frame_ok, encoder_out, 0)
+    label_ok = jnp.arange(predictor_out.shape[1])[None, :, None] <= label_lengths[:, None, None]
+    predictor_out = jnp.where(label_ok, predictor_out, 0)
     num_chunks = -(-t // chunk)
     enc = jnp.pad(encoder_out, ((0, 0), (0, num_chunks * chunk - t), (0, 0)))
     enc = jnp.moveaxis(enc.reshape(b, num_chunks, chunk, j), 1, 0)  # [n, B, chunk, J]
@@ -78,5 +86,4 @@ def _fused(encoder_out, predictor_out, joint_fn, labels, logit_lengths, label_le
     # [n, B, chunk, W] -> [B, n * chunk, W] -> drop the padded frames.
     blank = jnp.moveaxis(blank, 0, 1).reshape(b, num_chunks * chunk, -1)[:, :t]
     label = jnp.moveaxis(label, 0, 1).reshape(b, num_chunks * chunk, -1)[:, :t]
-    return lattice_nll(blank, label, jnp.asarray(logit_lengths, jnp.int32),
-                       jnp.asarray(label_lengths, jnp.int32))
+    return lattice_nll(blank, label, logit_lengths, label_lengths)
