@@ -4,7 +4,19 @@ The searches are plain functions on arrays and two callables (see `greedy.py` fo
 `transducer_greedy` / `transducer_beam` run them on a `jaxspeech.models.TransformerTransducer`.
 """
 
-from jaxspeech.decoding.beam import beam_search
-from jaxspeech.decoding.greedy import greedy_search, greedy_search_with_state
+from jaxspeech.decoding.beam import beam_search, transducer_beam
+from jaxspeech.decoding.greedy import (
+    greedy_search,
+    greedy_search_with_state,
+    model_callables,
+    transducer_greedy,
+)
 
-__all__ = ["beam_search", "greedy_search", "greedy_search_with_state"]
+__all__ = [
+    "beam_search",
+    "greedy_search",
+    "greedy_search_with_state",
+    "model_callables",
+    "transducer_beam",
+    "transducer_greedy",
+]

@@ -38,9 +38,17 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax import lax
 
-from jaxspeech.decoding.greedy import JointFn, PredStep, select_rows, start_predictor
+from jaxspeech.decoding.greedy import (
+    JointFn,
+    PredStep,
+    StaticGraph,
+    run_model_search,
+    select_rows,
+    start_predictor,
+)
 
 NEG_INF = -jnp.inf
 
@@ -219,3 +227,16 @@ def beam_search(
     if return_nbest:
         return final.tokens, final.u, final.score
     return final.tokens[:, 0], final.u[:, 0], final.score[:, 0]
+
+
+def transducer_beam(model, feats: jax.Array, feat_lengths: jax.Array, beam_size: int = 4, **kw):
+    """Beam search decoding of log-mel features with a `TransformerTransducer` (jit-compiled).
+
+    `kw` are `beam_search` options (`max_symbols_per_frame`, `max_output_len`, `return_nbest`,
+    `blank_id`). Returns what `beam_search` returns.
+    """
+    graphdef, params = nnx.split(model)
+    options = tuple(sorted({**kw, "beam_size": int(beam_size)}.items()))
+    return run_model_search(
+        StaticGraph(graphdef), params, feats, feat_lengths, search=beam_search, options=options
+    )

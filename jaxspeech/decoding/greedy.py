@@ -5,8 +5,8 @@ The search is a plain function on arrays and callables, so any JAX project can u
 - `pred_step(state, tokens [B] int32) -> (state, pred_out [B, P])` advances the prediction network
   by one label per batch row. `state` is any pytree whose leaves all have the batch as axis 0.
   `pred_out` is whatever `joint_fn` takes as its second argument; for speed, fold the joint's
-  predictor projection into `pred_step` (the model helpers in `jaxspeech.decoding.model` do), so it
-  is computed once per emitted label rather than once per joint evaluation.
+  predictor projection into `pred_step` (as `model_callables` does for a `TransformerTransducer`),
+  so it is computed once per emitted label rather than once per joint evaluation.
 - `joint_fn(enc_frame [N, J], pred_out [N, P]) -> logits [N, V]` (unnormalized; the search applies
   `log_softmax`). `N` is the batch for greedy search and `batch * beam` for beam search.
 
@@ -22,11 +22,13 @@ quantity beam search (`jaxspeech.decoding.beam`) sums over merged alignments, so
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax import lax
 
 PredStep = Callable[[Any, jax.Array], tuple[Any, jax.Array]]
@@ -175,3 +177,76 @@ def greedy_search(
         max_output_len=max_output_len,
     )
     return res.tokens, res.lengths, res.scores
+
+
+# Model-level helpers ---------------------------------------------------------------------------
+
+
+def model_callables(model) -> tuple[PredStep, JointFn]:
+    """`(pred_step, joint_fn)` for a `jaxspeech.models.TransformerTransducer`.
+
+    `pred_step` is `model.predictor.step` followed by `model.joint.project_predictor` (so `pred_out`
+    is the projected predictor output, [B, J]); `joint_fn` is `model.joint` on projected inputs.
+    The initial state is `model.predictor.init_state(B)`.
+    """
+
+    def pred_step(state, tokens):
+        state, out = model.predictor.step(state, tokens)
+        return state, model.joint.project_predictor(out)
+
+    return pred_step, model.joint
+
+
+def encode_projected(model, feats: jax.Array, feat_lengths: jax.Array):
+    """`model.encode` then `model.joint.project_encoder`: `(enc_proj [B, T', J], enc_lengths)`."""
+    enc, enc_lengths = model.encode(feats, feat_lengths)
+    return model.joint.project_encoder(enc), enc_lengths
+
+
+class StaticGraph:
+    """An `nnx.GraphDef` usable as a static jit argument, compared by value.
+
+    (A model's GraphDef may hold lists among its static attributes, which makes it unhashable.)
+    """
+
+    def __init__(self, graphdef):
+        self.graphdef = graphdef
+
+    def __hash__(self):
+        return 0  # equal graphs must hash equal; `__eq__` tells them apart
+
+    def __eq__(self, other):
+        return isinstance(other, StaticGraph) and self.graphdef == other.graphdef
+
+
+@functools.partial(jax.jit, static_argnames=("graph", "search", "options"))
+def run_model_search(graph, params, feats, feat_lengths, *, search, options):
+    """Jitted `encode -> project -> search` on an `nnx.split` model (in eval mode).
+
+    `graph` is a `StaticGraph`, `search` is `greedy_search` or `beam_search`, `options` a sorted
+    tuple of its keyword arguments. One compilation per (model structure, search, options, input
+    shapes); new parameter values or new batches of the same shapes do not recompile.
+    """
+    model = nnx.merge(graph.graphdef, params)
+    model.eval()  # the merged copy only: decoding never applies dropout
+    enc_proj, enc_lengths = encode_projected(model, feats, feat_lengths)
+    pred_step, joint_fn = model_callables(model)
+    state = model.predictor.init_state(feats.shape[0])
+    return search(enc_proj, enc_lengths, state, pred_step, joint_fn, **dict(options))
+
+
+def transducer_greedy(model, feats: jax.Array, feat_lengths: jax.Array, **kw):
+    """Greedy decoding of log-mel features with a `TransformerTransducer` (jit-compiled).
+
+    feats [B, T, F], feat_lengths [B]; `kw` are `greedy_search` options (`max_symbols_per_frame`,
+    `max_output_len`, `blank_id`). Returns `(tokens [B, L], lengths [B], scores [B])`.
+    """
+    graphdef, params = nnx.split(model)
+    return run_model_search(
+        StaticGraph(graphdef),
+        params,
+        feats,
+        feat_lengths,
+        search=greedy_search,
+        options=tuple(sorted(kw.items())),
+    )
