@@ -1,5 +1,7 @@
 """Streaming recognition == offline greedy decoding; jitted steps and model helpers compile once."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,3 +98,17 @@ def test_model_helpers_compile_once_per_shape(model, audio):
     np.testing.assert_allclose(g1[2], b1[2], rtol=1e-5)
     b4 = transducer_beam(model, feats, frame_lengths, beam_size=4)
     assert np.all(np.asarray(b4[2]) >= np.asarray(g1[2]) - 1e-4)
+
+
+def test_stateless_predictor(audio):
+    """The int32 label-window state of the stateless predictor streams and beams as well."""
+    m = TransformerTransducer(dataclasses.replace(CFG, predictor="stateless"), rngs=nnx.Rngs(1))
+    m.eval()
+    m.joint.out.bias[...] = jnp.zeros((CFG.vocab_size,)).at[0].set(1.0)
+    want, want_scores = offline(m, audio, N)
+    got, scores = StreamingRecognizer(m, FEATS).transcribe(audio, 1280)
+    assert got == want and sum(map(len, want)) > 0
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-4)
+    feats, frame_lengths = log_mel(audio, jnp.array([N, N]), FEATS)
+    b4 = transducer_beam(m, feats, frame_lengths, beam_size=4)
+    assert np.all(np.asarray(b4[2]) >= want_scores - 1e-4)
