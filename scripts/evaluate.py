@@ -12,6 +12,8 @@ import json
 import os
 import re
 
+from absl import logging
+
 from jaxspeech.train import evaluate, loop, metrics
 
 
@@ -26,6 +28,7 @@ def main(argv=None):
     p.add_argument("--beam_size", type=int, default=None)
     p.add_argument("--max_utterances", type=int, default=-1)
     args = p.parse_args(argv)
+    logging.set_verbosity(logging.WARNING)
 
     trained = evaluate.load_trained(args.workdir)
     config = trained.config

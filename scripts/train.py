@@ -7,7 +7,7 @@ r"""Trains a transducer; rerunning the same command resumes from the latest chec
 The logic lives in `jaxspeech.train.loop.train_and_evaluate`, callable from a notebook.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxspeech.train import loop
@@ -21,6 +21,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)  # TFDS / Orbax info lines would bury the progress bar
     loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

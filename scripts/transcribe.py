@@ -8,6 +8,8 @@ Prints one line per file: `<path>\t<transcript>`.
 import argparse
 import os
 
+from absl import logging
+
 from jaxspeech.train import evaluate
 
 
@@ -17,6 +19,7 @@ def main(argv=None):
     p.add_argument("--decoder", choices=("greedy", "beam"), default="greedy")
     p.add_argument("files", nargs="+", help="audio files (wav, flac, ...; resampled to 16 kHz)")
     args = p.parse_args(argv)
+    logging.set_verbosity(logging.WARNING)
     missing = [f for f in args.files if not os.path.isfile(f)]
     if missing:  # before the model is loaded
         raise FileNotFoundError(f"audio files not found: {', '.join(missing)}")

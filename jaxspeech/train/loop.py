@@ -156,6 +156,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             if step % tc.checkpoint_every == 0 or step == tc.num_steps:
                 ckpt.save(step, state, data_state=train_iter.get_state(), model=description)
         ckpt.close()
+        writer.close_progress()
 
         # 6. evaluate ----------------------------------------------------------------------------
         recognizer = _recognizer(recognizer, graphdef, state, config, feature_cfg)

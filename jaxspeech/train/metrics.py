@@ -76,6 +76,12 @@ class MetricWriter:
         if self._bar is not None:
             self._bar.update(n)
 
+    def close_progress(self) -> None:
+        """Closes the progress bar (before the final evaluation's output)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
     def log(self, message: str) -> None:
         """A line that does not break the progress bar."""
         if not self.enabled:
@@ -88,7 +94,6 @@ class MetricWriter:
     def close(self) -> None:
         if not self.enabled:
             return
-        if self._bar is not None:
-            self._bar.close()
+        self.close_progress()
         self._tb.close()
         self._jsonl.close()
