@@ -125,10 +125,9 @@ class StreamingRecognizer:
         out = [[] for _ in range(audio.shape[0])]
         state = self.init(audio.shape[0])
         for start in range(0, n, chunk_samples):
-            chunk = audio[:, start : start + chunk_samples]
             valid = min(chunk_samples, n - start)
-            chunk = np.pad(chunk, ((0, 0), (0, chunk_samples - chunk.shape[1])))
-            chunk[:, valid:] = 0.0
+            chunk = np.zeros((audio.shape[0], chunk_samples), np.float32)
+            chunk[:, :valid] = audio[:, start : start + valid]
             state, toks, num = self.step(state, chunk, valid)
             _extend(out, toks, num)
         state, toks, num = self.finalize(state)
