@@ -101,6 +101,7 @@ TASKS = (
 ).split(",")
 ITEMS = """eggs bread milk butter apples bananas coffee rice pasta cheese tomatoes onions soap
 paper_towels orange_juice chicken yogurt cereal""".split()
+COUNTABLE = "eggs apples bananas lemons onions tomatoes bagels candles batteries".split()
 DAYS = ["today", "tomorrow", "tonight", "this weekend"] + [
     f"on {d}day" for d in "mon tues wednes thurs fri satur sun".split()
 ]
@@ -213,6 +214,7 @@ def _slots(rng: np.random.Generator, split: str) -> dict[str, str]:
         "genre": _pick(rng, GENRES),
         "task": _pick(rng, TASKS),
         "item": _pick(rng, ITEMS),
+        "things": _pick(rng, COUNTABLE),
         "minutes": number_words(minutes) + (" minute" if minutes == 1 else " minutes"),
         "hours": number_words(hour) + (" hour" if hour == 1 else " hours"),
         "time": clock_words(hour, minute),
@@ -249,7 +251,7 @@ TEMPLATES: tuple[tuple[str, str, float], ...] = (
     ("message", "message {name}", 1.0),
     ("message_late", "text {name} that i'm running {late} minutes late", 1.5),
     ("message_home", "send a message to {name} saying i'll be home at {time}", 1.0),
-    ("count", "add {count} {item} to my shopping list", 0.6),
+    ("count", "add {count} {things} to my shopping list", 0.6),
 )
 _WEIGHTS = np.array([w for _, _, w in TEMPLATES]) / sum(w for _, _, w in TEMPLATES)
 _SLOT_RE = re.compile(r"{(\w+)}")

@@ -182,6 +182,8 @@ class Espeak:
             ctypes.c_void_p,
         ]
         lib.espeak_Synth.restype = ctypes.c_int
+        if not hasattr(lib, "espeak_ng_SetRandSeed"):
+            raise EspeakError(f"{lib_path} is too old: it lacks espeak_ng_SetRandSeed (1.51+)")
         lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
         if not os.path.isdir(os.path.join(data_dir, "espeak-ng-data")):
             raise EspeakError(
@@ -244,6 +246,8 @@ class Espeak:
         bit-identically in any process and order. A fork costs a few ms, as much as speaking one
         utterance, so callers batch a fixed group of utterances per fork.
         """
+        if not hasattr(os, "fork"):
+            raise EspeakError("the spoken-commands synthesis needs os.fork (Linux or macOS)")
         for request in requests:
             self._check_voice(request.voice)
         read_fd, write_fd = os.pipe()
