@@ -30,8 +30,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", "experiments/commands_tt.py"
 _SECONDS = flags.DEFINE_float("seconds", 0.0, "Utterance length (default: data.max_duration).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step).")
 _VOCAB = flags.DEFINE_integer("vocab_size", 0, "Vocabulary size when config.model has -1.")
-_MATMUL = flags.DEFINE_integer("matmul_size", 0, "Peak matmul size (default: 8192 GPU/TPU, "
-                                                 "2048 CPU).")
+_MATMUL = flags.DEFINE_integer(
+    "matmul_size", 0, "Peak matmul size (default: 8192 GPU/TPU, 2048 CPU)."
+)
 
 
 def _flops(compiled) -> float:
@@ -42,8 +43,7 @@ def _flops(compiled) -> float:
 
 def matmul_peak(n: int, dtype, repeats: int = 10) -> float:
     """Measured FLOP/s of an n x n x n matmul on every device at once (sharded along rows)."""
-    mesh = jax.make_mesh((jax.device_count(),), ("d",),
-                         axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = jax.make_mesh((jax.device_count(),), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
     rows = jax.sharding.NamedSharding(mesh, jax.P("d"))
     a = jax.device_put(jnp.ones((n * jax.device_count(), n), dtype), rows)
     b = jnp.ones((n, n), dtype)
@@ -66,20 +66,28 @@ def main(argv):
     graphdef, state, shardings = state_lib.create_train_state(model_cfg, tx, mesh, rules)
     bsharding = sharding.batch_sharding(mesh, rules)
     train_step = step_lib.make_train_step(
-        graphdef, tx, schedule, feature_cfg=features.FeatureConfig(n_mels=model_cfg.num_mels),
-        spec_augment_cfg=config.data.spec_augment, state_shardings=shardings,
-        batch_sharding=bsharding)
+        graphdef,
+        tx,
+        schedule,
+        feature_cfg=features.FeatureConfig(n_mels=model_cfg.num_mels),
+        spec_augment_cfg=config.data.spec_augment,
+        state_shardings=shardings,
+        batch_sharding=bsharding,
+    )
 
     seconds = _SECONDS.value or float(config.data.max_duration)
     batch_size = int(config.data.batch_size) * jax.process_count()
     n, u = int(seconds * 16000), max(8, int(seconds * 15))  # ~15 chars/s of speech
     rng = np.random.default_rng(0)
-    batch = sharding.shard_batch({
-        "audio": (0.1 * rng.standard_normal((batch_size, n))).astype(np.float32),
-        "audio_lengths": np.full((batch_size,), n, np.int32),
-        "labels": rng.integers(1, vocab, (batch_size, u)).astype(np.int32),
-        "label_lengths": np.full((batch_size,), u, np.int32),
-    }, bsharding)
+    batch = sharding.shard_batch(
+        {
+            "audio": (0.1 * rng.standard_normal((batch_size, n))).astype(np.float32),
+            "audio_lengths": np.full((batch_size,), n, np.int32),
+            "labels": rng.integers(1, vocab, (batch_size, u)).astype(np.int32),
+            "label_lengths": np.full((batch_size,), u, np.int32),
+        },
+        bsharding,
+    )
 
     with jax.set_mesh(mesh):
         start = time.perf_counter()
@@ -99,13 +107,20 @@ def main(argv):
     dtype = jnp.bfloat16 if config.train.bf16 else jnp.float32
     peak = matmul_peak(size, dtype)
     report = {
-        "platform": platform, "devices": jax.device_count(), "batch_size": batch_size,
-        "utterance_seconds": seconds, "params": state_lib.count_params(state),
-        "compile_seconds": round(compile_s, 2), "step_seconds": step_s,
+        "platform": platform,
+        "devices": jax.device_count(),
+        "batch_size": batch_size,
+        "utterance_seconds": seconds,
+        "params": state_lib.count_params(state),
+        "compile_seconds": round(compile_s, 2),
+        "step_seconds": step_s,
         "audio_sec_per_sec": batch_size * seconds / step_s,
-        "step_tflops": step_flops / 1e12, "achieved_tflops_per_sec": step_flops / step_s / 1e12,
-        "matmul_peak_tflops_per_sec": peak / 1e12, "matmul_dtype": jnp.dtype(dtype).name,
-        "mfu": step_flops / step_s / peak, "loss": float(m["loss"]),
+        "step_tflops": step_flops / 1e12,
+        "achieved_tflops_per_sec": step_flops / step_s / 1e12,
+        "matmul_peak_tflops_per_sec": peak / 1e12,
+        "matmul_dtype": jnp.dtype(dtype).name,
+        "mfu": step_flops / step_s / peak,
+        "loss": float(m["loss"]),
     }
     print(json.dumps(report, indent=2))
 

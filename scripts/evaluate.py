@@ -23,8 +23,12 @@ def main(argv=None):
     where = p.add_mutually_exclusive_group()
     where.add_argument("--split", default="test", help="train/validation/test or a source spec")
     where.add_argument("--manifest", help="a JSON-lines manifest to evaluate instead of a split")
-    p.add_argument("--decoder", choices=("greedy", "beam"), default=None,
-                   help="default: the config's eval.decoder")
+    p.add_argument(
+        "--decoder",
+        choices=("greedy", "beam"),
+        default=None,
+        help="default: the config's eval.decoder",
+    )
     p.add_argument("--beam_size", type=int, default=None)
     p.add_argument("--max_utterances", type=int, default=-1)
     args = p.parse_args(argv)
@@ -34,20 +38,26 @@ def main(argv=None):
     config = trained.config
     decoder = args.decoder or config.eval.decoder
     recognizer = evaluate.Recognizer(
-        trained.model, decoder=decoder, beam_size=args.beam_size or config.eval.beam_size,
+        trained.model,
+        decoder=decoder,
+        beam_size=args.beam_size or config.eval.beam_size,
         max_symbols_per_frame=config.eval.max_symbols_per_frame,
-        max_output_len=config.eval.max_output_len)
+        max_output_len=config.eval.max_output_len,
+    )
     split = f"manifest:{args.manifest}" if args.manifest else args.split
-    report = loop.evaluate_split(recognizer, config, split, trained.tokenizer,
-                                 max_utterances=args.max_utterances)
+    report = loop.evaluate_split(
+        recognizer, config, split, trained.tokenizer, max_utterances=args.max_utterances
+    )
     report.update(step=trained.step, split=split, decoder=decoder)
     name = re.sub(r"[^\w.-]+", "_", os.path.basename(args.manifest) if args.manifest else split)
     out = os.path.join(args.workdir, f"eval_{name}_{decoder}.json")
     metrics.write_json(out, report)
     print(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=2))
-    print(f"WER {100 * report['wer']:.2f}% (S {report['substitutions']}, D {report['deletions']}, "
-          f"I {report['insertions']}, {report['num_words']} words), RTF {report['rtf']:.4f}"
-          f" -> {out}")
+    print(
+        f"WER {100 * report['wer']:.2f}% (S {report['substitutions']}, D {report['deletions']}, "
+        f"I {report['insertions']}, {report['num_words']} words), RTF {report['rtf']:.4f}"
+        f" -> {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ from ml_collections import config_flags
 
 from jaxspeech.train import loop
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file[:variant].",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Python config file[:variant].", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, eval.json.")
 flags.mark_flags_as_required(["config", "workdir"])
 

@@ -25,10 +25,14 @@ def main(argv=None):
         raise FileNotFoundError(f"audio files not found: {', '.join(missing)}")
 
     trained = evaluate.load_trained(args.workdir)
-    recognizer = evaluate.Recognizer(trained.model, decoder=args.decoder,
-                                     beam_size=trained.config.eval.beam_size)
-    for path, text in zip(args.files, evaluate.transcribe_files(
-            recognizer, trained.tokenizer, args.files), strict=True):
+    recognizer = evaluate.Recognizer(
+        trained.model, decoder=args.decoder, beam_size=trained.config.eval.beam_size
+    )
+    for path, text in zip(
+        args.files,
+        evaluate.transcribe_files(recognizer, trained.tokenizer, args.files),
+        strict=True,
+    ):
         print(f"{path}\t{text}", flush=True)
 
 

@@ -13,8 +13,12 @@ from jaxspeech.train import sharding
 from jaxspeech.train import state as state_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = [("commands_tt.py", None), ("commands_tt.py", "tiny"), ("librispeech_tt.py", None),
-           ("librispeech_tt.py", "/data/LibriSpeech")]
+CONFIGS = [
+    ("commands_tt.py", None),
+    ("commands_tt.py", "tiny"),
+    ("librispeech_tt.py", None),
+    ("librispeech_tt.py", "/data/LibriSpeech"),
+]
 
 
 def load(name, arg):
@@ -34,7 +38,8 @@ def test_config_builds(name, arg):
     assert model_cfg.vocab_size == 30
     tx, schedule = state_lib.make_optimizer(config.optim, config.train.num_steps)
     assert float(schedule(config.optim.warmup_steps)) == pytest.approx(
-        config.optim.learning_rate, rel=1e-3)
+        config.optim.learning_rate, rel=1e-3
+    )
     rules = sharding.axis_rules(config.mesh)
     assert set(rules) >= {"batch", "embed", "mlp", "heads", "vocab", "joint"}
     for split in ("train", "validation", "test"):
@@ -52,9 +57,20 @@ def test_locked_config_rejects_unknown_keys():
 
 def test_unknown_key_on_the_command_line(tmp_path):
     out = subprocess.run(
-        [sys.executable, "scripts/train.py", "--config", "experiments/commands_tt.py:tiny",
-         "--workdir", str(tmp_path / "w"), "--config.train.num_stepz=3"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "scripts/train.py",
+            "--config",
+            "experiments/commands_tt.py:tiny",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--config.train.num_stepz=3",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode != 0
     assert "num_stepz" in out.stderr
     assert not os.path.exists(tmp_path / "w")

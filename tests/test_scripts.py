@@ -29,11 +29,23 @@ def trained(tmp_path_factory):
     tfds_dir = tmp_path_factory.mktemp("tfds")
     workdir = tmp_path_factory.mktemp("run") / "work"
     out = subprocess.run(
-        [sys.executable, "scripts/train.py", "--config", "experiments/commands_tt.py:tiny",
-         "--workdir", str(workdir), f"--config.data.tfds_data_dir={tfds_dir}",
-         "--config.train.num_steps=4", "--config.train.eval_every=4"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        [
+            sys.executable,
+            "scripts/train.py",
+            "--config",
+            "experiments/commands_tt.py:tiny",
+            "--workdir",
+            str(workdir),
+            f"--config.data.tfds_data_dir={tfds_dir}",
+            "--config.train.num_steps=4",
+            "--config.train.eval_every=4",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     assert "test WER" in out.stdout + out.stderr
     return workdir, tfds_dir

@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(tfds_dir, **train):
     spec = importlib.util.spec_from_file_location(
-        "commands_tt", os.path.join(ROOT, "experiments", "commands_tt.py"))
+        "commands_tt", os.path.join(ROOT, "experiments", "commands_tt.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config("tiny")
@@ -59,8 +60,14 @@ def resumed_run(tfds_dir, tmp_path_factory):
 def test_workdir_contents(resumed_run):
     straight, _, _, _ = resumed_run
     names = set(os.listdir(straight))
-    assert {"config.json", "metrics.jsonl", "eval.json", "tokenizer", "tensorboard",
-            "checkpoints"} <= names
+    assert {
+        "config.json",
+        "metrics.jsonl",
+        "eval.json",
+        "tokenizer",
+        "tensorboard",
+        "checkpoints",
+    } <= names
     assert os.listdir(os.path.join(straight, "tensorboard"))
     with open(os.path.join(straight, "metrics.jsonl")) as f:
         row = json.loads(f.readline())

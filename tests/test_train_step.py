@@ -23,7 +23,8 @@ VOCAB = 20
 
 def tiny_config():
     spec = importlib.util.spec_from_file_location(
-        "commands_tt", os.path.join(ROOT, "experiments", "commands_tt.py"))
+        "commands_tt", os.path.join(ROOT, "experiments", "commands_tt.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config("tiny")
@@ -37,8 +38,12 @@ def fixed_batch():
     label_lengths = np.array([8, 5, 3, 8, 4, 6, 7, 0], np.int32)
     labels = rng.integers(1, VOCAB, (8, 8)).astype(np.int32)
     labels[np.arange(8)[None, :] >= label_lengths[:, None]] = 0
-    return {"audio": audio, "audio_lengths": lengths, "labels": labels,
-            "label_lengths": label_lengths}
+    return {
+        "audio": audio,
+        "audio_lengths": lengths,
+        "labels": labels,
+        "label_lengths": label_lengths,
+    }
 
 
 def run_steps(mesh_sizes=(1, 1, 1), num_steps=NUM_STEPS):
@@ -51,8 +56,13 @@ def run_steps(mesh_sizes=(1, 1, 1), num_steps=NUM_STEPS):
     graphdef, state, shardings = state_lib.create_train_state(model_cfg, tx, mesh, rules)
     bsharding = sharding.batch_sharding(mesh, rules)
     train_step = step_lib.make_train_step(
-        graphdef, tx, schedule, feature_cfg=features.FeatureConfig(),
-        state_shardings=shardings, batch_sharding=bsharding)
+        graphdef,
+        tx,
+        schedule,
+        feature_cfg=features.FeatureConfig(),
+        state_shardings=shardings,
+        batch_sharding=bsharding,
+    )
     batch = fixed_batch()
     metrics = []
     with jax.set_mesh(mesh):
@@ -60,8 +70,13 @@ def run_steps(mesh_sizes=(1, 1, 1), num_steps=NUM_STEPS):
             state, m = train_step(state, sharding.shard_batch(batch, bsharding))
             metrics.append(m)
     metrics = jax.device_get(metrics)
-    return ([float(m["loss"]) for m in metrics], [float(m["grad_norm"]) for m in metrics],
-            state, shardings, (mesh, train_step, bsharding))
+    return (
+        [float(m["loss"]) for m in metrics],
+        [float(m["grad_norm"]) for m in metrics],
+        state,
+        shardings,
+        (mesh, train_step, bsharding),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +121,12 @@ def test_nonfinite_loss_keeps_state_and_fails_fast(one_device_run):
 
 @pytest.mark.slow
 def test_one_vs_eight_devices_same_losses(one_device_run):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                         timeout=600, cwd=ROOT)
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu"
+    )
+    out = subprocess.run(
+        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["num_devices"] == 8

@@ -38,6 +38,7 @@ def _abstract_keys_to_data(tree):
             return x
         data = jax.eval_shape(jax.random.key_data, x)
         return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=getattr(x, "sharding", None))
+
     return jax.tree.map(f, tree)
 
 
@@ -47,6 +48,7 @@ def _data_to_keys(restored, like):
             return r
         impl = jax.random.key_impl(x) if isinstance(x, jax.Array) else None  # None: default impl
         return jax.random.wrap_key_data(r, impl=impl)
+
     return jax.tree.map(f, restored, like)
 
 
@@ -86,14 +88,16 @@ class Checkpointer:
     def __init__(self, workdir: str, *, keep: int = 2, async_save: bool = True):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, *, data_state=None, model: dict | None = None,
-             force: bool = False) -> bool:
+    def save(
+        self, step: int, state, *, data_state=None, model: dict | None = None, force: bool = False
+    ) -> bool:
         args = {"state": ocp.args.StandardSave(_keys_to_data(state))}
         args["data"] = ocp.args.JsonSave({"iterator": _encode_iterator_state(data_state)})
         args["model"] = ocp.args.JsonSave(model or {})
@@ -120,17 +124,20 @@ class Checkpointer:
             raise IncompatibleCheckpointError(
                 f"{self.directory} holds a checkpoint (step {self.latest_step()}) of a different "
                 "model; use a new --workdir or matching settings. Differences:\n  "
-                + "\n  ".join(diffs))
+                + "\n  ".join(diffs)
+            )
 
     def restore(self, abstract_state, step: int | None = None):
         """Restores (state, data_state) sharded like `abstract_state` (ShapeDtypeStructs with
         shardings, or arrays)."""
         step = self.latest_step() if step is None else step
         target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state)
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state
+        )
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(_abstract_keys_to_data(target)),
-            data=ocp.args.JsonRestore())
+            data=ocp.args.JsonRestore(),
+        )
         out = self.manager.restore(step, args=args)
         state = _data_to_keys(out["state"], abstract_state)
         return state, _decode_iterator_state(out["data"]["iterator"])

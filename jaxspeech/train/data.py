@@ -82,8 +82,9 @@ def build_tokenizer(data_cfg, workdir: str):
             raise ValueError("data.tokenizer='sentencepiece' needs data.vocab_size > 1")
         tokenizer = tokenizers.SentencePieceTokenizer.train(texts, data_cfg.vocab_size)
     else:
-        raise ValueError(f"data.tokenizer must be 'char' or 'sentencepiece', "
-                         f"got {data_cfg.tokenizer!r}")
+        raise ValueError(
+            f"data.tokenizer must be 'char' or 'sentencepiece', got {data_cfg.tokenizer!r}"
+        )
     os.makedirs(directory, exist_ok=True)
     tokenizer.save(directory)
     return tokenizer
@@ -108,39 +109,67 @@ def lengths_cache(cache_dir: str | None, split: str) -> str | None:
     return os.path.join(cache_dir, "lengths_" + re.sub(r"[^\w.-]+", "_", split)[-100:] + ".npz")
 
 
-def train_pipeline(data_cfg, tokenizer, *, seed: int, batch_divisor: int = 1,
-                   source=None, cache_dir: str | None = None) -> pipeline_lib.Pipeline:
+def train_pipeline(
+    data_cfg,
+    tokenizer,
+    *,
+    seed: int,
+    batch_divisor: int = 1,
+    source=None,
+    cache_dir: str | None = None,
+) -> pipeline_lib.Pipeline:
     """Shuffled, repeated, bucketed training batches (batch size rounded up to the mesh's
     batch-sharding divisor)."""
     source = get_source(data_cfg, "train") if source is None else source
     return pipeline_lib.make_pipeline(
-        source, tokenizer, bucket_boundaries=_boundaries(data_cfg),
+        source,
+        tokenizer,
+        bucket_boundaries=_boundaries(data_cfg),
         batch_size=_round_up(data_cfg.batch_size, batch_divisor),
-        max_label_length=data_cfg.max_label_length, train=True, seed=seed,
+        max_label_length=data_cfg.max_label_length,
+        train=True,
+        seed=seed,
         num_workers=data_cfg.num_workers,
-        lengths_cache=lengths_cache(cache_dir, source_spec(data_cfg, "train")))
+        lengths_cache=lengths_cache(cache_dir, source_spec(data_cfg, "train")),
+    )
 
 
-def eval_pipeline(data_cfg, split: str, tokenizer, *, source=None,
-                  cache_dir: str | None = None) -> pipeline_lib.Pipeline:
+def eval_pipeline(
+    data_cfg, split: str, tokenizer, *, source=None, cache_dir: str | None = None
+) -> pipeline_lib.Pipeline:
     """One ordered pass over `split` (train/validation/test, a source spec or a .jsonl path).
 
     Unlike training, nothing is filtered for length: the last bucket and the label width grow to
     the split's longest utterance, so the WER covers every (non-empty) utterance."""
     source = get_source(data_cfg, split) if source is None else source
     lengths = pipeline_lib.scan_lengths(
-        source, tokenizer, cache_path=lengths_cache(cache_dir, source_spec(data_cfg, split)))
+        source, tokenizer, cache_path=lengths_cache(cache_dir, source_spec(data_cfg, split))
+    )
     longest = _round_up(max(int(lengths.num_samples.max(initial=1)), 1), SAMPLE_RATE)
     bounds = [b for b in _boundaries(data_cfg) if b < longest] + [longest]
-    max_label = max(int(data_cfg.max_label_length),
-                    _round_up(max(int(lengths.label_lengths.max(initial=1)), 1), 8))
+    max_label = max(
+        int(data_cfg.max_label_length),
+        _round_up(max(int(lengths.label_lengths.max(initial=1)), 1), 8),
+    )
     return pipeline_lib.make_pipeline(
-        source, tokenizer, bucket_boundaries=bounds, batch_size=data_cfg.eval_batch_size,
-        max_label_length=max_label, train=False, lengths=lengths)
+        source,
+        tokenizer,
+        bucket_boundaries=bounds,
+        batch_size=data_cfg.eval_batch_size,
+        max_label_length=max_label,
+        train=False,
+        lengths=lengths,
+    )
 
 
-def feature_statistics(source, num_utterances: int, feature_cfg: features.FeatureConfig,
-                       *, batch_size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def feature_statistics(
+    source,
+    num_utterances: int,
+    feature_cfg: features.FeatureConfig,
+    *,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Global log-mel mean/std [F] from a random subset of `num_utterances` training records."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(source))[: max(int(num_utterances), 1)]

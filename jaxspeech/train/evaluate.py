@@ -61,9 +61,16 @@ def _decode_output(out):
 class Recognizer:
     """A jitted audio -> token ids function for a TransformerTransducer (eval mode)."""
 
-    def __init__(self, model, feature_cfg: features.FeatureConfig | None = None, *,
-                 decoder: str = "greedy", beam_size: int = 4, max_symbols_per_frame: int = 3,
-                 max_output_len: int | None = None):
+    def __init__(
+        self,
+        model,
+        feature_cfg: features.FeatureConfig | None = None,
+        *,
+        decoder: str = "greedy",
+        beam_size: int = 4,
+        max_symbols_per_frame: int = 3,
+        max_output_len: int | None = None,
+    ):
         if decoder not in ("greedy", "beam"):
             raise ValueError(f"decoder must be 'greedy' or 'beam', got {decoder!r}")
         self.feature_cfg = feature_cfg or features.FeatureConfig()
@@ -97,10 +104,11 @@ class Recognizer:
         self.state = nnx.state(model)
 
     def __call__(self, audio, audio_lengths) -> list[list[int]]:
-        tokens, lengths = self._decode(self.state, jnp.asarray(audio, jnp.float32),
-                                       jnp.asarray(audio_lengths, jnp.int32))
+        tokens, lengths = self._decode(
+            self.state, jnp.asarray(audio, jnp.float32), jnp.asarray(audio_lengths, jnp.int32)
+        )
         tokens, lengths = np.asarray(tokens), np.asarray(lengths)
-        return [t[: n].tolist() for t, n in zip(tokens, lengths, strict=False)]
+        return [t[:n].tolist() for t, n in zip(tokens, lengths, strict=False)]
 
 
 def pad_audio(waves: Sequence[np.ndarray], multiple: int = 16000) -> tuple[np.ndarray, np.ndarray]:
@@ -113,8 +121,14 @@ def pad_audio(waves: Sequence[np.ndarray], multiple: int = 16000) -> tuple[np.nd
     return audio, lengths
 
 
-def evaluate(recognizer: Recognizer, batches: Iterable[Mapping[str, np.ndarray]], tokenizer,
-             *, max_utterances: int = -1, sample_rate: int = 16000) -> dict:
+def evaluate(
+    recognizer: Recognizer,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    tokenizer,
+    *,
+    max_utterances: int = -1,
+    sample_rate: int = 16000,
+) -> dict:
     """Decodes every batch (dicts with audio, audio_lengths, text) and scores the WER.
 
     Returns the `wer_stats` fields plus `rtf` (decode seconds / audio seconds, after a warm-up
@@ -179,19 +193,22 @@ def load_trained(workdir: str, step: int | None = None) -> Trained:
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-    model_cfg = state_lib.model_config(config.model, vocab_size=tokenizer.vocab_size,
-                                       bf16=bool(config.train.bf16))
+    model_cfg = state_lib.model_config(
+        config.model, vocab_size=tokenizer.vocab_size, bf16=bool(config.train.bf16)
+    )
     tx, _ = state_lib.make_optimizer(config.optim, int(config.train.num_steps))
     mesh = sharding.make_mesh(config.mesh)
     graphdef, abstract, _ = state_lib.abstract_train_state(
-        model_cfg, tx, mesh, sharding.axis_rules(config.mesh), seed=int(config.train.seed))
+        model_cfg, tx, mesh, sharding.axis_rules(config.mesh), seed=int(config.train.seed)
+    )
     state, _ = ckpt.restore(abstract, step)
     ckpt.close()
     return Trained(state_lib.merge_model(graphdef, state), tokenizer, config, int(step))
 
 
-def transcribe_files(recognizer: Recognizer, tokenizer, paths: Sequence[str], *,
-                     batch_size: int = 8) -> list[str]:
+def transcribe_files(
+    recognizer: Recognizer, tokenizer, paths: Sequence[str], *, batch_size: int = 8
+) -> list[str]:
     """Transcripts of audio files (any format `jaxspeech.data.audio.load_audio` reads)."""
     from jaxspeech.data import audio as audio_lib
 

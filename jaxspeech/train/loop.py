@@ -51,20 +51,31 @@ def _check_finite(history: list[tuple[int, dict]], policy: str) -> None:
             if policy == "fail":
                 raise NonFiniteLossError(
                     f"non-finite loss at step {step}: loss={m['loss']}, grad_norm={m['grad_norm']} "
-                    "(the update of that step was not applied; the last checkpoint is intact)")
+                    "(the update of that step was not applied; the last checkpoint is intact)"
+                )
             raise ValueError(f"unknown train.nonfinite policy {policy!r}")
 
 
-def evaluate_split(recognizer, config, split: str, tokenizer, *, max_utterances: int = -1,
-                   pipelines: dict | None = None, cache_dir: str | None = None) -> dict:
+def evaluate_split(
+    recognizer,
+    config,
+    split: str,
+    tokenizer,
+    *,
+    max_utterances: int = -1,
+    pipelines: dict | None = None,
+    cache_dir: str | None = None,
+) -> dict:
     """Decodes `split` (train/validation/test, a source spec or a .jsonl) and scores it.
     `pipelines` (a dict) keeps the built pipelines for the next call."""
     pipelines = {} if pipelines is None else pipelines
     if split not in pipelines:
-        pipelines[split] = data_lib.eval_pipeline(config.data, split, tokenizer,
-                                                  cache_dir=cache_dir)
-    return evaluate_lib.evaluate(recognizer, iter(pipelines[split]), tokenizer,
-                                 max_utterances=max_utterances)
+        pipelines[split] = data_lib.eval_pipeline(
+            config.data, split, tokenizer, cache_dir=cache_dir
+        )
+    return evaluate_lib.evaluate(
+        recognizer, iter(pipelines[split]), tokenizer, max_utterances=max_utterances
+    )
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -82,29 +93,32 @@ def train_and_evaluate(config, workdir: str) -> dict:
     model_cfg = state_lib.model_config(config.model, vocab_size=tokenizer.vocab_size, bf16=tc.bf16)
     abstract = state_lib.abstract_model(model_cfg, tc.seed)
     description = checkpoint_lib.model_description(
-        model_cfg, state_lib.param_shapes({"params": _params(abstract)}))
+        model_cfg, state_lib.param_shapes({"params": _params(abstract)})
+    )
     ckpt = checkpoint_lib.Checkpointer(workdir, keep=tc.keep_checkpoints)
     ckpt.check_compatible(description)
     latest = ckpt.latest_step()
 
     divisor = sharding_lib.batch_divisor(mesh, rules)
     cache_dir = os.path.join(workdir, "cache")
-    train_pipe = data_lib.train_pipeline(config.data, tokenizer, seed=tc.seed,
-                                         batch_divisor=divisor, cache_dir=cache_dir)
+    train_pipe = data_lib.train_pipeline(
+        config.data, tokenizer, seed=tc.seed, batch_divisor=divisor, cache_dir=cache_dir
+    )
     eval_pipelines = {}
-    writer = metrics_lib.MetricWriter(workdir, total_steps=tc.num_steps,
-                                      initial_step=latest or 0)
+    writer = metrics_lib.MetricWriter(workdir, total_steps=tc.num_steps, initial_step=latest or 0)
     writer.write_config(config)
 
     # 4. state -----------------------------------------------------------------------------------
     feature_cfg = features.FeatureConfig(n_mels=model_cfg.num_mels)
     mean = std = None
     if latest is None:
-        mean, std = data_lib.feature_statistics(train_pipe.source, config.data.num_norm_utterances,
-                                                feature_cfg)
+        mean, std = data_lib.feature_statistics(
+            train_pipe.source, config.data.num_norm_utterances, feature_cfg
+        )
     tx, schedule = state_lib.make_optimizer(config.optim, tc.num_steps)
     graphdef, state, shardings = state_lib.create_train_state(
-        model_cfg, tx, mesh, rules, seed=tc.seed, feature_mean=mean, feature_std=std)
+        model_cfg, tx, mesh, rules, seed=tc.seed, feature_mean=mean, feature_std=std
+    )
     train_iter = iter(train_pipe)
     if latest is not None:
         state, data_state = ckpt.restore(state, latest)
@@ -118,8 +132,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # 5. train -----------------------------------------------------------------------------------
     bsharding = sharding_lib.batch_sharding(mesh, rules)
     train_step = step_lib.make_train_step(
-        graphdef, tx, schedule, feature_cfg=feature_cfg, spec_augment_cfg=config.data.spec_augment,
-        seed=tc.seed, state_shardings=shardings, batch_sharding=bsharding)
+        graphdef,
+        tx,
+        schedule,
+        feature_cfg=feature_cfg,
+        spec_augment_cfg=config.data.spec_augment,
+        seed=tc.seed,
+        state_shardings=shardings,
+        batch_sharding=bsharding,
+    )
     recognizer = None
     history, audio_seconds, t0 = [], 0.0, time.perf_counter()
     last_log_step = step
@@ -127,8 +148,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         while step < tc.num_steps:
             batch = next(train_iter)
             audio_seconds += float(batch["audio_lengths"].sum()) / feature_cfg.sample_rate
-            arrays = sharding_lib.shard_batch(
-                {k: batch[k] for k in step_lib.BATCH_KEYS}, bsharding)
+            arrays = sharding_lib.shard_batch({k: batch[k] for k in step_lib.BATCH_KEYS}, bsharding)
             state, metrics = train_step(state, arrays)
             step += 1
             history.append((step, metrics))
@@ -146,12 +166,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 history, audio_seconds, t0, last_log_step = [], 0.0, time.perf_counter(), step
             if step % tc.eval_every == 0 or step == tc.num_steps:
                 recognizer = _recognizer(recognizer, graphdef, state, config, feature_cfg)
-                report = evaluate_split(recognizer, config, config.data.eval_split, tokenizer,
-                                        max_utterances=config.data.num_eval_utterances,
-                                        pipelines=eval_pipelines, cache_dir=cache_dir)
+                report = evaluate_split(
+                    recognizer,
+                    config,
+                    config.data.eval_split,
+                    tokenizer,
+                    max_utterances=config.data.num_eval_utterances,
+                    pipelines=eval_pipelines,
+                    cache_dir=cache_dir,
+                )
                 writer.write_scalars(step, {k: report[k] for k in ("wer", "rtf")}, prefix="eval/")
-                writer.log(f"step {step}: {config.data.eval_split} WER {100 * report['wer']:.2f}% "
-                           f"on {report['num_utterances']} utterances")
+                writer.log(
+                    f"step {step}: {config.data.eval_split} WER {100 * report['wer']:.2f}% "
+                    f"on {report['num_utterances']} utterances"
+                )
                 t0 = time.perf_counter()
             if step % tc.checkpoint_every == 0 or step == tc.num_steps:
                 ckpt.save(step, state, data_state=train_iter.get_state(), model=description)
@@ -160,14 +188,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
         # 6. evaluate ----------------------------------------------------------------------------
         recognizer = _recognizer(recognizer, graphdef, state, config, feature_cfg)
-        report = evaluate_split(recognizer, config, "test", tokenizer, pipelines=eval_pipelines,
-                                cache_dir=cache_dir)
+        report = evaluate_split(
+            recognizer, config, "test", tokenizer, pipelines=eval_pipelines, cache_dir=cache_dir
+        )
     report.update(step=step, split="test", decoder=config.eval.decoder)
     metrics_lib.write_json(os.path.join(workdir, "eval.json"), report)
-    writer.log(f"test WER {100 * report['wer']:.2f}% "
-               f"(S {report['substitutions']}, D {report['deletions']}, "
-               f"I {report['insertions']}, {report['num_words']} words)"
-               f", RTF {report['rtf']:.4f}")
+    writer.log(
+        f"test WER {100 * report['wer']:.2f}% "
+        f"(S {report['substitutions']}, D {report['deletions']}, "
+        f"I {report['insertions']}, {report['num_words']} words)"
+        f", RTF {report['rtf']:.4f}"
+    )
     writer.close()
     return report
 
@@ -182,8 +213,12 @@ def _recognizer(recognizer, graphdef, state, config, feature_cfg):
     model = state_lib.merge_model(graphdef, state)
     if recognizer is None:
         return evaluate_lib.Recognizer(
-            model, feature_cfg, decoder=config.eval.decoder, beam_size=config.eval.beam_size,
+            model,
+            feature_cfg,
+            decoder=config.eval.decoder,
+            beam_size=config.eval.beam_size,
             max_symbols_per_frame=config.eval.max_symbols_per_frame,
-            max_output_len=config.eval.max_output_len)
+            max_output_len=config.eval.max_output_len,
+        )
     recognizer.set_model(model)
     return recognizer

@@ -37,8 +37,9 @@ def write_json(path: str, obj) -> None:
 class MetricWriter:
     """Writes scalars to `workdir/metrics.jsonl` and TensorBoard, and draws a progress bar."""
 
-    def __init__(self, workdir: str, *, total_steps: int, initial_step: int = 0,
-                 progress: bool = True):
+    def __init__(
+        self, workdir: str, *, total_steps: int, initial_step: int = 0, progress: bool = True
+    ):
         self.enabled = jax.process_index() == 0
         self.workdir = workdir
         self._tb = self._bar = self._jsonl = None
@@ -50,8 +51,13 @@ class MetricWriter:
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
         if progress:
-            self._bar = tqdm(total=total_steps, initial=initial_step, unit="step",
-                             dynamic_ncols=True, smoothing=0.1)
+            self._bar = tqdm(
+                total=total_steps,
+                initial=initial_step,
+                unit="step",
+                dynamic_ncols=True,
+                smoothing=0.1,
+            )
 
     def write_config(self, config) -> None:
         if self.enabled:

@@ -46,13 +46,18 @@ def learning_rate_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
     kind = optim_cfg.schedule
     if kind == "cosine":
         return optax.warmup_cosine_decay_schedule(
-            0.0, peak, warmup, max(num_steps, warmup + 1),
+            0.0,
+            peak,
+            warmup,
+            max(num_steps, warmup + 1),
             end_value=peak * optim_cfg.end_lr_fraction,
         )
     if kind == "rsqrt":
+
         def rsqrt(step):
             step = jnp.maximum(jnp.asarray(step, jnp.float32), 1.0)
             return peak * jnp.minimum(step / warmup, jnp.sqrt(warmup / step))
+
         return rsqrt
     if kind == "constant":
         return optax.linear_schedule(0.0, peak, warmup)
@@ -65,8 +70,14 @@ def make_optimizer(optim_cfg, num_steps: int):
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     tx = optax.chain(
         optax.clip_by_global_norm(float(optim_cfg.grad_clip_norm)),
-        optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                    weight_decay=optim_cfg.weight_decay, mask=decay_mask),
+        optax.adamw(
+            schedule,
+            b1=optim_cfg.b1,
+            b2=optim_cfg.b2,
+            eps=optim_cfg.eps,
+            weight_decay=optim_cfg.weight_decay,
+            mask=decay_mask,
+        ),
     )
     return tx, schedule
 
@@ -89,32 +100,52 @@ def _init_fn(cfg: TransducerConfig, tx: optax.GradientTransformation, seed: int)
         with nnx.use_eager_sharding(False):
             model = _build(cfg, seed, mean, std)
         _, params, rest = nnx.split(model, nnx.Param, ...)
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
-                "opt_state": tx.init(params)}
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "rest": rest,
+            "opt_state": tx.init(params),
+        }
+
     return init
 
 
-def abstract_train_state(cfg: TransducerConfig, tx: optax.GradientTransformation,
-                         mesh: jax.sharding.Mesh, rules, *, seed: int = 0):
+def abstract_train_state(
+    cfg: TransducerConfig,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    rules,
+    *,
+    seed: int = 0,
+):
     """(graphdef, abstract state of ShapeDtypeStructs carrying their shardings, shardings)."""
     f32 = jax.ShapeDtypeStruct((cfg.num_mels,), jnp.float32)
     abstract = jax.eval_shape(_init_fn(cfg, tx, seed), f32, f32)
     shardings = sharding_lib.tree_shardings(abstract, mesh, rules)
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            abstract, shardings)
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+    )
     return nnx.graphdef(abstract_model(cfg, seed)), abstract, shardings
 
 
-def create_train_state(cfg: TransducerConfig, tx: optax.GradientTransformation,
-                       mesh: jax.sharding.Mesh, rules, *, seed: int = 0,
-                       feature_mean=None, feature_std=None):
+def create_train_state(
+    cfg: TransducerConfig,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    rules,
+    *,
+    seed: int = 0,
+    feature_mean=None,
+    feature_std=None,
+):
     """Returns (graphdef, state, state_shardings) with `state` materialized sharded on `mesh`."""
     mean = np.zeros(cfg.num_mels, np.float32) if feature_mean is None else feature_mean
     std = np.ones(cfg.num_mels, np.float32) if feature_std is None else feature_std
     graphdef, _, shardings = abstract_train_state(cfg, tx, mesh, rules, seed=seed)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    init = jax.jit(_init_fn(cfg, tx, seed), in_shardings=(replicated, replicated),
-                   out_shardings=shardings)
+    init = jax.jit(
+        _init_fn(cfg, tx, seed), in_shardings=(replicated, replicated), out_shardings=shardings
+    )
     with jax.set_mesh(mesh):
         state = init(jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32))
     return graphdef, state, shardings

@@ -27,7 +27,9 @@ def _features(batch, feature_cfg, spec_augment_cfg, key):
     feats, feat_lengths = features.log_mel(batch["audio"], batch["audio_lengths"], feature_cfg)
     if key is not None and spec_augment_cfg is not None and spec_augment_cfg.get("enabled", False):
         feats = features.spec_augment(
-            key, feats, feat_lengths,
+            key,
+            feats,
+            feat_lengths,
             num_freq_masks=spec_augment_cfg["num_freq_masks"],
             max_freq_width=spec_augment_cfg["max_freq_width"],
             num_time_masks=spec_augment_cfg["num_time_masks"],
@@ -44,9 +46,17 @@ def _loss_sums(model, batch, feats, feat_lengths):
     return jnp.sum(per_example), jnp.sum(valid), num_tokens
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, feature_cfg,
-                    spec_augment_cfg=None, seed: int = 0, state_shardings=None,
-                    batch_sharding=None):
+def make_train_step(
+    graphdef,
+    tx: optax.GradientTransformation,
+    schedule,
+    *,
+    feature_cfg,
+    spec_augment_cfg=None,
+    seed: int = 0,
+    state_shardings=None,
+    batch_sharding=None,
+):
     """Returns `train_step(state, batch) -> (state, metrics)`, jitted with donation of `state`."""
     spec_augment_cfg = None if spec_augment_cfg is None else dict(spec_augment_cfg)
     base_key = jax.random.key(seed)
@@ -73,8 +83,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, fea
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # Keep the old parameters and optimizer state on a non-finite step (the step counter and
         # the RNG streams still advance).
-        updated = jax.tree.map(lambda a, b: jnp.where(finite, a, b), (params, opt_state),
-                               (state["params"], state["opt_state"]))
+        updated = jax.tree.map(
+            lambda a, b: jnp.where(finite, a, b),
+            (params, opt_state),
+            (state["params"], state["opt_state"]),
+        )
         new = {"step": step + 1, "params": updated[0], "rest": rest, "opt_state": updated[1]}
         metrics = {
             "loss": loss,
@@ -89,8 +102,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, fea
     kwargs = {}
     if state_shardings is not None:
         batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
-        kwargs = dict(in_shardings=(state_shardings, batch_shardings),
-                      out_shardings=(state_shardings, None))
+        kwargs = dict(
+            in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None)
+        )
     return jax.jit(train_step, donate_argnums=(0,), **kwargs)
 
 
