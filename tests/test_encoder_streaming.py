@@ -95,9 +95,9 @@ def test_encoder_chunk_receptive_field(left, ahead):
 def test_future_beyond_lookahead_does_not_change_outputs(ahead, feats):
     m = _model(lookahead_chunks=ahead)
     lengths = jnp.array([64, 64])
-    enc, _ = m.encode(feats, lengths)
+    enc, _ = jax.jit(m.encode)(feats, lengths)
     # Change features from encoder chunk 4 onwards (feature frame 4 * chunk_size * 4 = 32).
-    enc2, _ = m.encode(feats.at[:, 32:].set(5.0), lengths)
+    enc2, _ = jax.jit(m.encode)(feats.at[:, 32:].set(5.0), lengths)
     diff = np.abs(np.asarray(enc2 - enc)).max(axis=(0, 2)).reshape(8, 2).max(-1)
     # Through 2 layers of lookahead the receptive field reaches 2 * ahead chunks ahead.
     unaffected = 4 - 2 * ahead
@@ -109,14 +109,14 @@ def test_future_beyond_lookahead_does_not_change_outputs(ahead, feats):
 
 def test_padding_invariance(model, feats):
     lengths = jnp.array([64, 37])
-    enc, enc_lengths = model.encode(feats, lengths)
+    enc, enc_lengths = jax.jit(model.encode)(feats, lengths)
     garbage = jnp.where(jnp.arange(64)[None, :, None] >= lengths[:, None, None], 1e3, feats)
-    enc2, _ = model.encode(garbage, lengths)
+    enc2, _ = jax.jit(model.encode)(garbage, lengths)
     np.testing.assert_array_equal(enc_lengths, [16, 9])
     np.testing.assert_allclose(enc2, enc, atol=1e-5)
     # Within a chunk frames attend to later frames of the same chunk, so padding must be masked:
     # the utterance cut at 37 frames differs from the full one even in its valid frames.
-    full, _ = model.encode(feats, jnp.array([64, 64]))
+    full, _ = jax.jit(model.encode)(feats, jnp.array([64, 64]))
     assert not np.allclose(full[1, :9], enc[1, :9], atol=1e-4)
 
 
@@ -132,14 +132,14 @@ def _stream(m, x, lengths=None):
 
 
 def test_streaming_equals_offline(model, feats):
-    enc, _ = model.encode(feats, jnp.array([64, 64]))
+    enc, _ = jax.jit(model.encode)(feats, jnp.array([64, 64]))
     _, streamed = _stream(model, feats)
     np.testing.assert_allclose(streamed, enc, atol=1e-5)
 
 
 def test_streaming_partial_last_chunk(model, feats):
     lengths = jnp.array([64, 45])
-    enc, enc_lengths = model.encode(feats, lengths)
+    enc, enc_lengths = jax.jit(model.encode)(feats, lengths)
     _, streamed = _stream(model, feats, lengths)
     for b in range(2):
         n = int(enc_lengths[b])
@@ -149,7 +149,7 @@ def test_streaming_partial_last_chunk(model, feats):
 def test_unlimited_left_context_streaming():
     m = _model(left_chunks=-1, max_stream_frames=16)
     x = jax.random.normal(jax.random.key(8), (1, 64, CFG.num_mels))
-    enc, _ = m.encode(x, jnp.array([64]))
+    enc, _ = jax.jit(m.encode)(x, jnp.array([64]))
     _, streamed = _stream(m, x)
     np.testing.assert_allclose(streamed, enc, atol=1e-5)
     # Past max_stream_frames the oldest frames leave the window: the stream then equals the
@@ -157,41 +157,53 @@ def test_unlimited_left_context_streaming():
     x_long = jax.random.normal(jax.random.key(9), (1, 128, CFG.num_mels))
     _, streamed = _stream(m, x_long)
     windowed = _model(left_chunks=16 // CFG.chunk_size)
-    enc_windowed, _ = windowed.encode(x_long, jnp.array([128]))
+    enc_windowed, _ = jax.jit(windowed.encode)(x_long, jnp.array([128]))
     np.testing.assert_allclose(streamed, enc_windowed, atol=1e-5)
 
 
 def test_long_utterance_limited_context(model):
     """Far longer than any training length: offline and streamed agree and stay finite."""
     x = jax.random.normal(jax.random.key(10), (1, 1024, CFG.num_mels))  # 256 encoder frames
-    enc, _ = model.encode(x, jnp.array([1024]))
+    enc, _ = jax.jit(model.encode)(x, jnp.array([1024]))
     assert np.all(np.isfinite(enc))
     state, streamed = _stream(model, x)
     assert int(state.offset) == 256
     np.testing.assert_allclose(streamed, enc, atol=1e-4)
     # Relative positions only: a shifted copy of the audio gives the same outputs once the
     # receptive field no longer touches the start (here after 2 layers x 3 chunks).
-    shifted, _ = model.encode(x[:, 512:], jnp.array([512]))
+    shifted, _ = jax.jit(model.encode)(x[:, 512:], jnp.array([512]))
     np.testing.assert_allclose(shifted[:, 16:], enc[:, 128 + 16 :], atol=1e-4)
 
 
 def test_gates(model, feats):
     lengths = jnp.array([64, 50])
     x, enc_lengths = model.subsampling(feats, lengths)
-    encoder = model.encoder
+    encoder = jax.jit(model.encoder.__call__)
     ones = jnp.ones((CFG.num_layers, 2, x.shape[1]))
     np.testing.assert_allclose(
         encoder(x, enc_lengths, attn_gates=ones, ffn_gates=ones), encoder(x, enc_lengths), atol=1e-6
     )
     zeros = jnp.zeros_like(ones)
     np.testing.assert_allclose(
-        encoder(x, enc_lengths, attn_gates=zeros, ffn_gates=zeros), encoder.norm(x), atol=1e-5
+        encoder(x, enc_lengths, attn_gates=zeros, ffn_gates=zeros), model.encoder.norm(x), atol=1e-5
     )
     # A gate of 0 on one frame's FFN in the last layer only changes that frame.
     ffn = ones.at[-1, 0, 5].set(0.0)
     diff = np.abs(np.asarray(encoder(x, enc_lengths, ffn_gates=ffn) - encoder(x, enc_lengths)))
     changed = diff.max(-1) > 1e-6
     assert changed[0, 5] and changed.sum() == 1
+    # The streaming step takes the same gates, chunk by chunk.
+    gates = jax.random.uniform(jax.random.key(11), ones.shape)
+    offline = encoder(x, jnp.array([16, 16]), attn_gates=gates, ffn_gates=1.0 - gates)
+    caches, outs, c = model.encoder.init_cache(2), [], CFG.chunk_size
+    step = jax.jit(model.encoder.step)
+    for i in range(x.shape[1] // c):
+        g = gates[:, :, i * c : (i + 1) * c]
+        caches, out = step(
+            caches, x[:, i * c : (i + 1) * c], jnp.int32(i * c), attn_gates=g, ffn_gates=1.0 - g
+        )
+        outs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), offline, atol=1e-5)
 
 
 def test_streaming_with_lookahead_is_rejected():

@@ -71,6 +71,9 @@ class TransducerConfig:
         return self.subsampling_factor.bit_length() - 1
 
 
+_ZEROS = nnx.initializers.zeros_init()
+
+
 def partitioned(init: nnx.Initializer, axes: Sequence[str | None]) -> nnx.Initializer:
     """`nnx.with_partitioning(init, axes)`, usable with or without a mesh.
 
@@ -117,6 +120,7 @@ def dense(
     *,
     rngs: nnx.Rngs,
     use_bias: bool = True,
+    bias_init: nnx.Initializer = _ZEROS,
 ) -> nnx.Linear:
     """`nnx.Linear` in the config's dtypes; logical axes `(in, out)` on kernel, `(out,)` on bias."""
     return nnx.Linear(
@@ -126,6 +130,6 @@ def dense(
         dtype=cfg.compute_dtype,
         param_dtype=cfg.params_dtype,
         kernel_init=dense_init(axes),
-        bias_init=zeros_init((axes[1],)),
+        bias_init=partitioned(bias_init, (axes[1],)),
         rngs=rngs,
     )

@@ -140,11 +140,15 @@ class Encoder(nnx.Module):
         x: jax.Array,
         offset: jax.Array,
         valid: jax.Array | None = None,
+        *,
+        attn_gates: jax.Array | None = None,
+        ffn_gates: jax.Array | None = None,
     ) -> tuple[tuple[KVCache, ...], jax.Array]:
         """One chunk x [B, chunk_size, D] starting at encoder frame `offset` (int32 scalar).
 
         `valid` [B] (optional): number of valid frames in this chunk (the final partial chunk);
-        later frames are masked as keys, as padding is offline.
+        later frames are masked as keys, as padding is offline. All streams of the batch share
+        `offset`. Gates: [num_layers, B, chunk_size] each, or None (as in `__call__`).
         """
         b, c, _ = x.shape
         size = self.cache_size
@@ -153,7 +157,14 @@ class Encoder(nnx.Module):
         chunk_valid = jnp.ones((b, c), bool) if valid is None else length_mask(valid, c)
         mask = jnp.concatenate([cache_valid, chunk_valid], axis=1)[:, None, None, :]
         new_caches = []
-        for cache, block in zip(caches, self.blocks, strict=True):
-            cache, x = block.step(cache, x, positions, mask)
+        for i, (cache, block) in enumerate(zip(caches, self.blocks, strict=True)):
+            cache, x = block.step(
+                cache,
+                x,
+                positions,
+                mask,
+                attn_gate=None if attn_gates is None else attn_gates[i],
+                ffn_gate=None if ffn_gates is None else ffn_gates[i],
+            )
             new_caches.append(cache)
         return tuple(new_caches), self.norm(x)

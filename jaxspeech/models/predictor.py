@@ -32,6 +32,21 @@ def _with_start(labels: jax.Array, width: int = 1) -> jax.Array:
     return jnp.pad(labels, ((0, 0), (width, 0)))
 
 
+def _forget_gate_bias(key, shape, dtype=jnp.float32):
+    """Zeros, with 1 on the forget-gate quarter (gate order i, f, g, o)."""
+    del key
+    return jnp.zeros(shape, dtype).at[shape[0] // 4 : shape[0] // 2].set(1.0)
+
+
+def _lstm_cell(carry, gates_in, recurrent_kernel, dtype):
+    c, h = carry
+    rec = jnp.dot(h, recurrent_kernel.astype(dtype), preferred_element_type=jnp.float32)
+    i, f, g, o = jnp.split(gates_in.astype(jnp.float32) + rec, 4, axis=-1)
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    h = (jax.nn.sigmoid(o) * jnp.tanh(c)).astype(dtype)
+    return (c, h), h
+
+
 LSTMState = tuple[tuple[jax.Array, jax.Array], ...]  # per layer (c, h), each [B,P]
 
 
@@ -42,26 +57,28 @@ class LSTMLayer(nnx.Module):
         p = cfg.predictor_dim
         self.hidden = p
         self.dtype = cfg.compute_dtype
-        self.input_proj = dense(d_in, 4 * p, ("embed", "mlp"), cfg, rngs=rngs)
-        self.input_proj.bias[...] = self.input_proj.bias[...].at[p : 2 * p].set(1.0)
+        self.input_proj = dense(
+            d_in, 4 * p, ("embed", "mlp"), cfg, rngs=rngs, bias_init=_forget_gate_bias
+        )
         self.recurrent_proj = dense(p, 4 * p, ("embed", "mlp"), cfg, rngs=rngs, use_bias=False)
 
     def cell(self, carry: tuple[jax.Array, jax.Array], gates_in: jax.Array):
-        c, h = carry
-        gates = (gates_in + self.recurrent_proj(h)).astype(jnp.float32)
-        i, f, g, o = jnp.split(gates, 4, axis=-1)
-        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-        h = (jax.nn.sigmoid(o) * jnp.tanh(c)).astype(self.dtype)
-        return (c, h), h
+        """One time step: carry (c float32 [B,P], h [B,P]), gates_in = input_proj(x) [B,4P]."""
+        return _lstm_cell(carry, gates_in, self.recurrent_proj.kernel[...], self.dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x [B,T,d_in] -> [B,T,P] from the zero state (input projection vectorized over T)."""
+        """x [B,T,d_in] -> [B,T,P] from the zero state (input projection vectorized over T).
+
+        The scan closes over the recurrent kernel as an array (not over the module), so the
+        layer also works when the module itself is closed over by `jax.jit`.
+        """
         gates_in = jnp.swapaxes(self.input_proj(x), 0, 1)  # [T,B,4P]
-        _, hs = nnx.scan(
-            lambda module, carry, g: module.cell(carry, g),
-            in_axes=(None, nnx.Carry, 0),
-            out_axes=(nnx.Carry, 0),
-        )(self, self.init_state(x.shape[0]), gates_in)
+        kernel = self.recurrent_proj.kernel[...]
+        _, hs = jax.lax.scan(
+            lambda carry, g: _lstm_cell(carry, g, kernel, self.dtype),
+            self.init_state(x.shape[0]),
+            gates_in,
+        )
         return jnp.swapaxes(hs, 0, 1)
 
     def init_state(self, batch: int) -> tuple[jax.Array, jax.Array]:
