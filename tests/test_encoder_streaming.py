@@ -195,7 +195,7 @@ def test_gates(model, feats):
     # The streaming step takes the same gates, chunk by chunk.
     gates = jax.random.uniform(jax.random.key(11), ones.shape)
     offline = encoder(x, jnp.array([16, 16]), attn_gates=gates, ffn_gates=1.0 - gates)
-    caches, outs, c = model.encoder.init_cache(2), [], CFG.chunk_size
+    caches, outs, c = model.encoder.init_state(2), [], CFG.chunk_size
     step = jax.jit(model.encoder.step)
     for i in range(x.shape[1] // c):
         g = gates[:, :, i * c : (i + 1) * c]
@@ -206,6 +206,18 @@ def test_gates(model, feats):
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), offline, atol=1e-5)
 
 
-def test_streaming_with_lookahead_is_rejected():
-    with pytest.raises(ValueError, match="lookahead"):
-        _model(lookahead_chunks=1).encode_init_state(1)
+@pytest.mark.parametrize("left", [1, -1])
+def test_streaming_with_lookahead_equals_offline(left, feats):
+    """Outputs lag by num_layers * lookahead chunks; after flushing they equal `encode`."""
+    m = _model(lookahead_chunks=1, left_chunks=left, max_stream_frames=8)
+    delay = m.stream_delay_chunks
+    assert delay == CFG.num_layers
+    lengths = jnp.array([64, 45])
+    x = jnp.concatenate([feats, jnp.zeros((2, delay * m.feat_chunk_size, CFG.num_mels))], axis=1)
+    _, streamed = _stream(m, x, lengths)
+    streamed = streamed[:, delay * CFG.chunk_size :]
+    windowed = _model(lookahead_chunks=1, left_chunks=left if left >= 0 else 4)
+    enc, enc_lengths = jax.jit(windowed.encode)(feats, lengths)
+    for b in range(2):
+        n = int(enc_lengths[b])
+        np.testing.assert_allclose(streamed[b, :n], enc[b, :n], atol=1e-5)

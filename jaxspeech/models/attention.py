@@ -118,16 +118,25 @@ class MultiHeadSelfAttention(nnx.Module):
         return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
 
     def step(
-        self, cache: KVCache, x: jax.Array, positions: jax.Array, mask: jax.Array
+        self,
+        cache: KVCache,
+        q_in: jax.Array,
+        kv_in: jax.Array,
+        q_positions: jax.Array,
+        kv_positions: jax.Array,
+        mask: jax.Array,
     ) -> tuple[KVCache, jax.Array]:
-        """One chunk against a rolling cache of the S most recent frames.
+        """Queries of one chunk against a rolling cache of the S latest frames plus a new chunk.
 
-        x [B,C,D]; positions int [C] (absolute); mask bool broadcastable to [B,1,C,S+C] over the
-        keys [cache; chunk]. Returns the cache holding the last S frames of [cache; chunk].
+        q_in [B,C,D] (queries, at absolute q_positions [C]); kv_in [B,C,D] (the newest chunk, at
+        kv_positions [C]; the same chunk as q_in without lookahead); mask bool broadcastable to
+        [B,1,C,S+C] over the keys [cache; new chunk]. Returns the cache holding the last S frames
+        of [cache; new chunk] (keys stored rotated at their absolute positions).
         """
-        q, k, v = self._qkv(x, positions)
+        q = rotary(self.query(q_in), q_positions)
+        k = rotary(self.key(kv_in), kv_positions)
         keys = jnp.concatenate([cache[0], k], axis=1)
-        values = jnp.concatenate([cache[1], v], axis=1)
+        values = jnp.concatenate([cache[1], self.value(kv_in)], axis=1)
         out = self.dropout(self.out(attend(q, keys, values, mask)))
         size = cache[0].shape[1]
         return (keys[:, keys.shape[1] - size :], values[:, values.shape[1] - size :]), out

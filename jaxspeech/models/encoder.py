@@ -4,14 +4,17 @@ Block: `x + g_attn * MHSA(LN(x))`, then `x + g_ffn * FFN(LN(x))`, where the opti
 `g` ([B, T], 0 = component off, the residual carries the input) are for arbitrators; with gates None
 the block is the plain pre-LN block (no multiply is traced). A final LayerNorm follows the stack.
 
-Streaming (`Encoder.step`): each layer keeps a rolling cache of the keys/values of the S most recent
-frames: S = left_chunks * chunk_size, or, for left_chunks = -1 (unlimited), `max_stream_frames`
-rounded up to whole chunks. A chunk attends to [cache; itself], which is exactly the chunked mask
-for lookahead_chunks = 0, so the concatenated step outputs equal the offline encoder. With
-left_chunks = -1, audio longer than `max_stream_frames` encoder frames keeps streaming, but the
-oldest frames then fall out of the window (the streamed model then behaves like one with
-left context `max_stream_frames`). Streaming with lookahead_chunks > 0 would need per-layer delays
-and is not supported by `step` (`init_cache` raises).
+Streaming (`Encoder.step`): each layer keeps a rolling cache of the keys/values of its S most recent
+input frames, S = (left_chunks + lookahead_chunks) * chunk_size, or, for left_chunks = -1
+(unlimited), `max_stream_frames` rounded up to whole chunks plus the lookahead. Without lookahead a
+chunk attends to [cache; itself], exactly the chunked mask, so the concatenated step outputs equal
+the offline encoder. With lookahead L > 0 a layer must see L future chunks of its input before it
+can emit a chunk: each layer holds its last L input chunks pending and emits the chunk L chunks
+back, so the stack's output lags its input by `delay_chunks = num_layers * L` chunks (the caller
+feeds `delay_chunks` padding chunks at the end, masked through `end`); the outputs are again exactly
+the offline ones. With left_chunks = -1, audio longer than `max_stream_frames` encoder frames
+keeps streaming, but the oldest frames then fall out of the window (the streamed model then behaves
+like one with left context `max_stream_frames`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from jaxspeech.models.attention import (
     length_mask,
 )
 from jaxspeech.models.config import TransducerConfig, dense, layer_norm
+
+LayerStreamState = tuple[KVCache, jax.Array]  # (keys/values cache, pending inputs [B, L*C, D])
 
 
 class FeedForward(nnx.Module):
@@ -71,18 +76,33 @@ class EncoderBlock(nnx.Module):
 
     def step(
         self,
-        cache: KVCache,
+        state: LayerStreamState,
         x: jax.Array,
-        positions: jax.Array,
+        kv_positions: jax.Array,
         mask: jax.Array,
         *,
         attn_gate: jax.Array | None = None,
         ffn_gate: jax.Array | None = None,
-    ) -> tuple[KVCache, jax.Array]:
-        """One chunk x [B,C,D] against the layer's KV cache; see `MultiHeadSelfAttention.step`."""
-        cache, y = self.attn.step(cache, self.attn_norm(x), positions, mask)
+    ) -> tuple[LayerStreamState, jax.Array]:
+        """Takes the newest input chunk x [B,C,D] (at kv_positions [C]) and returns the output
+        chunk L chunks earlier (L = lookahead; the pending inputs wait in the state's buffer).
+
+        mask: bool, broadcastable to [B,1,C,S+C] over the keys [cache; x]. Gates [B,C] refer to
+        the output chunk.
+        """
+        cache, pending = state
+        c = x.shape[1]
+        kv_in = self.attn_norm(x)
+        if pending.shape[1]:  # lookahead: the query chunk is the oldest pending one
+            inputs = jnp.concatenate([pending, x], axis=1)
+            x, pending = inputs[:, :c], inputs[:, c:]
+            q_in = self.attn_norm(x)
+        else:
+            q_in = kv_in
+        q_positions = kv_positions - pending.shape[1]
+        cache, y = self.attn.step(cache, q_in, kv_in, q_positions, kv_positions, mask)
         x = _gated(x, y, attn_gate)
-        return cache, _gated(x, self.ffn(self.ffn_norm(x)), ffn_gate)
+        return (cache, pending), _gated(x, self.ffn(self.ffn_norm(x)), ffn_gate)
 
 
 class Encoder(nnx.Module):
@@ -93,6 +113,8 @@ class Encoder(nnx.Module):
         self.left_chunks = cfg.left_chunks
         self.lookahead_chunks = cfg.lookahead_chunks
         self.max_stream_frames = cfg.max_stream_frames
+        self.d_model = cfg.d_model
+        self.dtype = cfg.compute_dtype
         self.blocks = nnx.List([EncoderBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = layer_norm(cfg.d_model, cfg, rngs=rngs)
 
@@ -124,47 +146,58 @@ class Encoder(nnx.Module):
 
     @property
     def cache_size(self) -> int:
-        """Frames of left context kept per layer by `step`."""
+        """Frames of keys/values kept per layer by `step` (left context plus lookahead)."""
+        ahead = self.lookahead_chunks * self.chunk_size
         if self.left_chunks >= 0:
-            return self.left_chunks * self.chunk_size
-        return -(-self.max_stream_frames // self.chunk_size) * self.chunk_size
+            return self.left_chunks * self.chunk_size + ahead
+        return -(-self.max_stream_frames // self.chunk_size) * self.chunk_size + ahead
 
-    def init_cache(self, batch: int) -> tuple[KVCache, ...]:
-        if self.lookahead_chunks:
-            raise ValueError("streaming step requires lookahead_chunks == 0")
-        return tuple(b.attn.init_cache(batch, self.cache_size) for b in self.blocks)
+    @property
+    def delay_chunks(self) -> int:
+        """Chunks between a `step` input and its output: num_layers * lookahead_chunks."""
+        return len(self.blocks) * self.lookahead_chunks
+
+    def init_state(self, batch: int) -> tuple[LayerStreamState, ...]:
+        """Per layer: zero KV cache [B, cache_size, H, K] x 2 and pending inputs [B, L*C, D]."""
+        pending = (batch, self.lookahead_chunks * self.chunk_size, self.d_model)
+        return tuple(
+            (b.attn.init_cache(batch, self.cache_size), jnp.zeros(pending, self.dtype))
+            for b in self.blocks
+        )
 
     def step(
         self,
-        caches: tuple[KVCache, ...],
+        state: tuple[LayerStreamState, ...],
         x: jax.Array,
         offset: jax.Array,
-        valid: jax.Array | None = None,
+        end: jax.Array | None = None,
         *,
         attn_gates: jax.Array | None = None,
         ffn_gates: jax.Array | None = None,
-    ) -> tuple[tuple[KVCache, ...], jax.Array]:
-        """One chunk x [B, chunk_size, D] starting at encoder frame `offset` (int32 scalar).
+    ) -> tuple[tuple[LayerStreamState, ...], jax.Array]:
+        """Feeds chunk x [B, C, D] at encoder frames offset..offset+C-1 (offset: int32 scalar,
+        shared by the batch); returns the output chunk at frames offset - delay_chunks * C.
 
-        `valid` [B] (optional): number of valid frames in this chunk (the final partial chunk);
-        later frames are masked as keys, as padding is offline. All streams of the batch share
-        `offset`. Gates: [num_layers, B, chunk_size] each, or None (as in `__call__`).
+        `end` [B] (optional): frames at positions >= end are padding (masked as keys, exactly as
+        `__call__` masks frames >= lengths). Gates: [num_layers, B, C] each, or None; layer i's
+        gates refer to its output chunk (frames offset - (i + 1) * lookahead_chunks * C ...).
         """
         b, c, _ = x.shape
-        size = self.cache_size
-        positions = offset + jnp.arange(c, dtype=jnp.int32)
-        cache_valid = jnp.broadcast_to(offset - size + jnp.arange(size) >= 0, (b, size))
-        chunk_valid = jnp.ones((b, c), bool) if valid is None else length_mask(valid, c)
-        mask = jnp.concatenate([cache_valid, chunk_valid], axis=1)[:, None, None, :]
-        new_caches = []
-        for i, (cache, block) in enumerate(zip(caches, self.blocks, strict=True)):
-            cache, x = block.step(
-                cache,
+        size, ahead = self.cache_size, self.lookahead_chunks * c
+        new_state = []
+        for i, (layer_state, block) in enumerate(zip(state, self.blocks, strict=True)):
+            start = offset - i * ahead  # position of this layer's newest input chunk
+            key_pos = start - size + jnp.arange(size + c, dtype=jnp.int32)  # [cache; chunk]
+            valid = jnp.broadcast_to(key_pos >= 0, (b, size + c))
+            if end is not None:
+                valid &= key_pos[None, :] < end[:, None]
+            layer_state, x = block.step(
+                layer_state,
                 x,
-                positions,
-                mask,
+                key_pos[size:],
+                valid[:, None, None, :],
                 attn_gate=None if attn_gates is None else attn_gates[i],
                 ffn_gate=None if ffn_gates is None else ffn_gates[i],
             )
-            new_caches.append(cache)
-        return tuple(new_caches), self.norm(x)
+            new_state.append(layer_state)
+        return tuple(new_state), self.norm(x)

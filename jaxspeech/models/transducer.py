@@ -14,9 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxspeech.losses import rnnt_loss_fused
-from jaxspeech.models.attention import KVCache, length_mask
+from jaxspeech.models.attention import length_mask
 from jaxspeech.models.config import TransducerConfig
-from jaxspeech.models.encoder import Encoder
+from jaxspeech.models.encoder import Encoder, LayerStreamState
 from jaxspeech.models.joint import Joint
 from jaxspeech.models.predictor import make_predictor
 from jaxspeech.models.subsampling import ConvSubsampling, SubsamplingState
@@ -45,8 +45,9 @@ class StreamState(NamedTuple):
     """Streaming encoder state (a pytree of fixed-shape arrays)."""
 
     subsampling: SubsamplingState  # per conv layer: previous input frame
-    caches: tuple[KVCache, ...]  # per encoder layer: rolling keys/values [B, S, H, K]
-    offset: jax.Array  # int32 scalar: encoder frames emitted so far
+    encoder: tuple[LayerStreamState, ...]  # per layer: KV cache [B,S,H,K] x 2, pending [B,L*C,D]
+    offset: jax.Array  # int32 scalar: encoder frames fed so far
+    end: jax.Array  # int32 [B]: end of the valid frames once a partial chunk was fed, else max
 
 
 class TransformerTransducer(nnx.Module):
@@ -112,12 +113,18 @@ class TransformerTransducer(nnx.Module):
         """Feature frames per `encode_step` call (`chunk_size * subsampling_factor`)."""
         return self.cfg.chunk_size * self.cfg.subsampling_factor
 
+    @property
+    def stream_delay_chunks(self) -> int:
+        """Chunks by which `encode_step` outputs lag its inputs (num_layers * lookahead_chunks)."""
+        return self.encoder.delay_chunks
+
     def encode_init_state(self, batch: int) -> StreamState:
         """Zero state: zero left padding for the convolutions, empty KV caches, offset 0."""
         return StreamState(
             subsampling=self.subsampling.init_state(batch),
-            caches=self.encoder.init_cache(batch),
+            encoder=self.encoder.init_state(batch),
             offset=jnp.zeros((), jnp.int32),
+            end=jnp.full((batch,), jnp.iinfo(jnp.int32).max, jnp.int32),
         )
 
     def encode_step(
@@ -128,21 +135,21 @@ class TransformerTransducer(nnx.Module):
     ) -> tuple[StreamState, jax.Array]:
         """feat_chunk [B, chunk_size*factor, F] -> (state, enc [B, chunk_size, D]).
 
-        `feat_chunk_lengths` [B] (optional, an addition to the contract): valid feature frames in
-        this chunk, for a final partial chunk; frames beyond it are masked exactly as `encode`
-        masks padding, so the valid outputs still equal `encode`.
+        Step k returns encoder chunk k - `stream_delay_chunks` (0 without lookahead; with
+        lookahead, first outputs are not frames and the caller flushes with that many chunks of
+        length 0). `feat_chunk_lengths` [B] (optional, an addition to the contract): valid feature
+        frames in this chunk; once a chunk is partial, later frames are padding, masked exactly as
+        `encode` masks frames beyond `feat_lengths`, so the valid outputs equal `encode`.
         """
         b, n, _ = feat_chunk.shape
         if n != self.feat_chunk_size:
             raise ValueError(f"feat_chunk has {n} frames, expected {self.feat_chunk_size}")
+        c, factor = self.cfg.chunk_size, self.cfg.subsampling_factor
         lengths = jnp.full((b,), n, jnp.int32) if feat_chunk_lengths is None else feat_chunk_lengths
         sub_state, x = self.subsampling.step(
             state.subsampling, self._normalize(feat_chunk, lengths)
         )
-        valid = (
-            None
-            if feat_chunk_lengths is None
-            else feat_chunk_lengths // self.cfg.subsampling_factor
-        )
-        caches, enc = self.encoder.step(state.caches, x, state.offset, valid)
-        return StreamState(sub_state, caches, state.offset + self.cfg.chunk_size), enc
+        frames = lengths // factor
+        end = jnp.where(frames < c, jnp.minimum(state.end, state.offset + frames), state.end)
+        enc_state, enc = self.encoder.step(state.encoder, x, state.offset, end)
+        return StreamState(sub_state, enc_state, state.offset + c, end), enc
