@@ -220,3 +220,10 @@ def test_value_checks_under_jit_with_validate():
         jax.block_until_ready(f(args))
     ok = _args()
     np.testing.assert_allclose(f(ok), rnnt_loss(**ok), rtol=1e-6)
+
+
+def test_without_validation_under_jit_bad_values_are_clamped_not_nan():
+    args = _args(logit_lengths=jnp.array([9, 3, 1, 4]), label_lengths=jnp.array([5, 2, 1, 0]))
+    out = jax.jit(lambda a: rnnt_loss(**a))(args)
+    clamped = rnnt_loss(**_args(logit_lengths=jnp.array([5, 3, 1, 4])))
+    np.testing.assert_array_equal(out, clamped)

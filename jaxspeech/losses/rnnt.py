@@ -22,8 +22,9 @@ Conventions: node `(t, u)` has emitted `u` labels after `t` frames; the blank ed
 Input checks: shapes and dtypes are checked at trace time (`ValueError` naming the argument).
 Value checks (label range, lengths) run whenever the arguments are concrete (eager calls); under
 `jax.jit` they run only with `validate=True`, through `jax.debug.callback`, which makes the
-computation fail with a `JaxRuntimeError` carrying the same message. Without it, invalid lengths
-give garbage, never an exception; so validate while bringing up a new data pipeline.
+computation fail with a `JaxRuntimeError` carrying the same message. Without it, out-of-range
+values are clamped (lengths into `[1, T]` and `[0, U]`, labels into `[0, V)`): the result stays
+finite but is the loss of the clamped input, so validate while bringing up a new data pipeline.
 """
 
 import functools
@@ -197,6 +198,9 @@ def _shift_left(x):
 
 
 def _lattice_fwd(blank, label, logit_lengths, label_lengths):
+    # Out-of-range lengths (only without validation) are clamped: the result stays well defined.
+    logit_lengths = jnp.clip(logit_lengths, 1, blank.shape[1])
+    label_lengths = jnp.clip(label_lengths, 0, blank.shape[2] - 1)
     bs, ls = _masked_skewed(blank, label, logit_lengths, label_lengths)
     b, u1 = blank.shape[0], blank.shape[2]
     alpha0 = jnp.where(jnp.arange(u1) == 0, 0.0, NEG)
