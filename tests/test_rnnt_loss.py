@@ -119,6 +119,35 @@ def test_label_equal_to_blank_without_validation(dtype):
                                atol=1e-2 * np.abs(ref).max())
 
 
+def numpy_dp_nll(logits, labels):
+    """Textbook row-by-row alpha recursion in float64 (for lattices too big to enumerate)."""
+    lp = _log_softmax(np.asarray(logits, np.float64))
+    t_len, u1 = lp.shape[:2]
+    alpha = np.full((t_len, u1), -np.inf)
+    for t in range(t_len):
+        for u in range(u1):
+            if t == 0 and u == 0:
+                alpha[t, u] = 0.0
+                continue
+            a = alpha[t - 1, u] + lp[t - 1, u, 0] if t > 0 else -np.inf
+            b = alpha[t, u - 1] + lp[t, u - 1, labels[u - 1]] if u > 0 else -np.inf
+            alpha[t, u] = np.logaddexp(a, b)
+    return -(alpha[-1, -1] + lp[-1, -1, 0])
+
+
+def test_more_labels_than_frames_and_long_lattices():
+    logits, labels = _inputs(10, t=3, u=6)  # U > T, still enumerable: C(8, 6) alignments
+    tl, ul = np.array([3, 2, 3, 1]), np.array([6, 5, 0, 6])
+    losses, grad, _ = _run(logits, labels, logit_lengths=tl, label_lengths=ul)
+    np.testing.assert_allclose(losses, brute_batch(logits, tl, labels, ul), rtol=1e-5)
+    _assert_grad_close(grad, brute_grad(logits, tl, labels, ul, np.ones(B)))
+    logits, labels = _inputs(11, t=40, u=15)  # many anti-diagonals: vs a float64 textbook DP
+    tl, ul = np.array([40, 33, 7, 21]), np.array([15, 9, 12, 0])
+    losses, _, _ = _run(logits, labels, logit_lengths=tl, label_lengths=ul)
+    ref = [numpy_dp_nll(logits[b, :tl[b], :ul[b] + 1], labels[b, :ul[b]]) for b in range(B)]
+    np.testing.assert_allclose(losses, ref, rtol=1e-5)
+
+
 def test_padding_is_ignored_and_gets_zero_grad():
     logits, labels = _inputs(1)
     losses, grad, _ = _run(logits, labels)
