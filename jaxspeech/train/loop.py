@@ -145,45 +145,52 @@ def train_and_evaluate(config, workdir: str) -> dict:
     history, audio_seconds, t0 = [], 0.0, time.perf_counter()
     last_log_step = step
     with jax.set_mesh(mesh):
-        while step < tc.num_steps:
-            batch = next(train_iter)
-            audio_seconds += float(batch["audio_lengths"].sum()) / feature_cfg.sample_rate
-            arrays = sharding_lib.shard_batch({k: batch[k] for k in step_lib.BATCH_KEYS}, bsharding)
-            state, metrics = train_step(state, arrays)
-            step += 1
-            history.append((step, metrics))
-            writer.advance()
-            if step % tc.log_every == 0 or step == tc.num_steps:
-                history = [(s, jax.device_get(m)) for s, m in history]
-                _check_finite(history, tc.nonfinite)
-                elapsed = time.perf_counter() - t0
-                scalars = {k: float(np.mean([m[k] for _, m in history])) for k in history[0][1]}
-                scalars.pop("finite")
-                scalars["learning_rate"] = float(history[-1][1]["learning_rate"])
-                scalars["steps_per_sec"] = (step - last_log_step) / elapsed
-                scalars["audio_sec_per_sec"] = audio_seconds / elapsed
-                writer.write_scalars(step, scalars)
-                history, audio_seconds, t0, last_log_step = [], 0.0, time.perf_counter(), step
-            if step % tc.eval_every == 0 or step == tc.num_steps:
-                recognizer = _recognizer(recognizer, graphdef, state, config, feature_cfg)
-                report = evaluate_split(
-                    recognizer,
-                    config,
-                    config.data.eval_split,
-                    tokenizer,
-                    max_utterances=config.data.num_eval_utterances,
-                    pipelines=eval_pipelines,
-                    cache_dir=cache_dir,
+        try:
+            while step < tc.num_steps:
+                batch = next(train_iter)
+                audio_seconds += float(batch["audio_lengths"].sum()) / feature_cfg.sample_rate
+                arrays = sharding_lib.shard_batch(
+                    {k: batch[k] for k in step_lib.BATCH_KEYS}, bsharding
                 )
-                writer.write_scalars(step, {k: report[k] for k in ("wer", "rtf")}, prefix="eval/")
-                writer.log(
-                    f"step {step}: {config.data.eval_split} WER {100 * report['wer']:.2f}% "
-                    f"on {report['num_utterances']} utterances"
-                )
-                t0 = time.perf_counter()
-            if step % tc.checkpoint_every == 0 or step == tc.num_steps:
-                ckpt.save(step, state, data_state=train_iter.get_state(), model=description)
-        ckpt.close()
+                state, metrics = train_step(state, arrays)
+                step += 1
+                history.append((step, metrics))
+                writer.advance()
+                if step % tc.log_every == 0 or step == tc.num_steps:
+                    history = [(s, jax.device_get(m)) for s, m in history]
+                    _check_finite(history, tc.nonfinite)
+                    elapsed = time.perf_counter() - t0
+                    scalars = {k: float(np.mean([m[k] for _, m in history])) for k in history[0][1]}
+                    scalars.pop("finite")
+                    scalars["learning_rate"] = float(history[-1][1]["learning_rate"])
+                    scalars["steps_per_sec"] = (step - last_log_step) / elapsed
+                    scalars["audio_sec_per_sec"] = audio_seconds / elapsed
+                    writer.write_scalars(step, scalars)
+                    history, audio_seconds, t0, last_log_step = [], 0.0, time.perf_counter(), step
+                if step % tc.eval_every == 0 or step == tc.num_steps:
+                    eval_start = time.perf_counter()
+                    recognizer = _recognizer(recognizer, graphdef, state, config, feature_cfg)
+                    report = evaluate_split(
+                        recognizer,
+                        config,
+                        config.data.eval_split,
+                        tokenizer,
+                        max_utterances=config.data.num_eval_utterances,
+                        pipelines=eval_pipelines,
+                        cache_dir=cache_dir,
+                    )
+                    writer.write_scalars(
+                        step, {k: report[k] for k in ("wer", "rtf")}, prefix="eval/"
+                    )
+                    writer.log(
+                        f"step {step}: {config.data.eval_split} WER {100 * report['wer']:.2f}% "
+                        f"on {report['num_utterances']} utterances"
+                    )
+                    t0 += time.perf_counter() - eval_start  # throughput excludes evaluation
+                if step % tc.checkpoint_every == 0 or step == tc.num_steps:
+                    ckpt.save(step, state, data_state=train_iter.get_state(), model=description)
+        finally:  # also on errors: let pending asynchronous saves finish
+            ckpt.close()
         writer.close_progress()
 
         # 6. evaluate ----------------------------------------------------------------------------
