@@ -7,7 +7,6 @@ and the real-time factor (decode wall time / audio duration).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import time
@@ -22,7 +21,6 @@ import numpy as np
 from flax import nnx
 
 from jaxspeech import decoding, features
-from jaxspeech.decoding.greedy import encode_projected
 
 
 def normalize_text(text: str) -> str:
@@ -85,15 +83,11 @@ class Recognizer:
             if max_output_len:
                 options["max_output_len"] = max_output_len
             if decoder == "beam":
-                search = functools.partial(decoding.beam_search, beam_size=beam_size)
+                out = decoding.transducer_beam(
+                    model, feats, feat_lengths, beam_size=beam_size, **options
+                )
             else:
-                search = decoding.greedy_search
-            # The search functions on the merged model, inside this jit (what
-            # `decoding.transducer_greedy` does, without its nested jit keyed on the graphdef).
-            enc_proj, enc_lengths = encode_projected(model, feats, feat_lengths)
-            pred_step, joint_fn = decoding.model_callables(model)
-            pred_state = model.predictor.init_state(feats.shape[0])
-            out = search(enc_proj, enc_lengths, pred_state, pred_step, joint_fn, **options)
+                out = decoding.transducer_greedy(model, feats, feat_lengths, **options)
             return _decode_output(out)
 
         self._decode = jax.jit(decode)
