@@ -2,7 +2,7 @@
 
 Subpackages:
   losses    RNN-T loss (exact, custom VJP) and the fused joint + loss.
-  models    flax.nnx modules: subsampling, streaming encoder, predictors, joint, TransformerTransducer.
+  models    flax.nnx modules: subsampling, streaming encoder, predictors, joint, transducer.
   decoding  greedy, beam and streaming transducer search (jit-compiled, static shapes).
   features  log-mel features and SpecAugment in JAX.
   data      corpora (spoken commands, LibriSpeech, manifests), tokenizers, input pipeline.
