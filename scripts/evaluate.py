@@ -30,6 +30,7 @@ def main(argv=None):
         help="default: the config's eval.decoder",
     )
     p.add_argument("--beam_size", type=int, default=None)
+    p.add_argument("--max_symbols_per_frame", type=int, default=None)
     p.add_argument("--max_utterances", type=int, default=-1)
     args = p.parse_args(argv)
     logging.set_verbosity(logging.WARNING)
@@ -41,7 +42,7 @@ def main(argv=None):
         trained.model,
         decoder=decoder,
         beam_size=args.beam_size or config.eval.beam_size,
-        max_symbols_per_frame=config.eval.max_symbols_per_frame,
+        max_symbols_per_frame=args.max_symbols_per_frame or config.eval.max_symbols_per_frame,
         max_output_len=config.eval.max_output_len,
     )
     split = f"manifest:{args.manifest}" if args.manifest else args.split
