@@ -45,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             predictor_dim=32 if tiny else D_MODEL,
             predictor_layers=1,
             stateless_context=2,
+            ctc_weight=0.0,
             joint_dim=32 if tiny else D_MODEL,
             dtype="float32",
             param_dtype="float32",

@@ -41,6 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             predictor_dim=640,
             predictor_layers=1,
             stateless_context=2,
+            ctc_weight=0.0,
             joint_dim=640,
             dtype="float32",
             param_dtype="float32",

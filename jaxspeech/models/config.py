@@ -23,7 +23,8 @@ class TransducerConfig:
     left context; streaming then keeps a cache of `max_stream_frames` encoder frames (see
     `jaxspeech.models.encoder`), beyond which the oldest frames fall out of the attention window.
     `max_stream_frames` is an addition to the ARCHITECTURE.md field list; it is unused when
-    left_chunks >= 0.
+    left_chunks >= 0. `ctc_weight` > 0 adds an auxiliary CTC loss on the encoder (see
+    `TransformerTransducer.loss`).
     """
 
     num_mels: int = 80
@@ -46,6 +47,9 @@ class TransducerConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     max_stream_frames: int = 1024
+    # Weight of an auxiliary CTC loss on the encoder output (a linear head to the vocabulary,
+    # used in training only); 0 = none (no head is created).
+    ctc_weight: float = 0.0
 
     def __post_init__(self):
         f = self.subsampling_factor
@@ -57,6 +61,8 @@ class TransducerConfig:
             raise ValueError(f"predictor must be 'lstm' or 'stateless', got {self.predictor!r}")
         if self.left_chunks < -1 or self.lookahead_chunks < 0 or self.chunk_size < 1:
             raise ValueError("need chunk_size >= 1, left_chunks >= -1, lookahead_chunks >= 0")
+        if self.ctc_weight < 0:
+            raise ValueError(f"ctc_weight must be >= 0, got {self.ctc_weight}")
 
     @property
     def compute_dtype(self) -> jnp.dtype:

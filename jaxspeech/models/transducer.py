@@ -11,11 +11,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from jaxspeech.losses import rnnt_loss_fused
 from jaxspeech.models.attention import length_mask
-from jaxspeech.models.config import TransducerConfig
+from jaxspeech.models.config import TransducerConfig, dense
 from jaxspeech.models.encoder import Encoder, LayerStreamState
 from jaxspeech.models.joint import Joint
 from jaxspeech.models.predictor import make_predictor
@@ -60,6 +61,8 @@ class TransformerTransducer(nnx.Module):
         self.encoder = Encoder(cfg, rngs=rngs)
         self.predictor = make_predictor(cfg, rngs=rngs)
         self.joint = Joint(cfg, rngs=rngs)
+        if cfg.ctc_weight > 0:  # auxiliary CTC head (training only; decoding never reads it)
+            self.ctc_head = dense(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), cfg, rngs=rngs)
 
     def _normalize(self, feats: jax.Array, feat_lengths: jax.Array) -> jax.Array:
         x = self.feature_norm(feats.astype(jnp.float32))
@@ -93,7 +96,12 @@ class TransformerTransducer(nnx.Module):
         labels: jax.Array,
         label_lengths: jax.Array,
     ) -> jax.Array:
-        """Per-example RNN-T negative log-likelihood [B] (nats), via the fused joint + loss."""
+        """Per-example RNN-T negative log-likelihood [B] (nats), via the fused joint + loss.
+
+        With `cfg.ctc_weight` > 0 the result is `rnnt + ctc_weight * ctc`, where `ctc` is the CTC
+        negative log-likelihood (nats, `optax.ctc_loss`, blank 0) of a linear head on the encoder
+        output: an auxiliary target that makes the encoder frame-discriminative early in training.
+        """
         enc, enc_lengths = self.encode(feats, feat_lengths)
         enc_proj = self.joint.project_encoder(enc)
         pred_proj = self.joint.project_predictor(self.predict(labels))
@@ -102,9 +110,23 @@ class TransformerTransducer(nnx.Module):
         def joint_fn(e: jax.Array, p: jax.Array) -> jax.Array:
             return nnx.merge(graphdef, joint_state)(e, p)
 
-        return rnnt_loss_fused(
+        loss = rnnt_loss_fused(
             enc_proj, pred_proj, joint_fn, labels, enc_lengths, label_lengths, blank_id=0
         )
+        if self.cfg.ctc_weight > 0:
+            loss = loss + self.cfg.ctc_weight * self.ctc_loss(
+                enc, enc_lengths, labels, label_lengths
+            )
+        return loss
+
+    def ctc_loss(
+        self, enc: jax.Array, enc_lengths: jax.Array, labels: jax.Array, label_lengths: jax.Array
+    ) -> jax.Array:
+        """Per-example CTC negative log-likelihood [B] (nats) of the auxiliary head on `enc`."""
+        logits = self.ctc_head(enc).astype(jnp.float32)
+        frame_pad = (~length_mask(enc_lengths, enc.shape[1])).astype(jnp.float32)
+        label_pad = (~length_mask(label_lengths, labels.shape[1])).astype(jnp.float32)
+        return optax.ctc_loss(logits, frame_pad, labels, label_pad, blank_id=0)
 
     # Streaming ---------------------------------------------------------------------------------
 
