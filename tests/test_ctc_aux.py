@@ -62,6 +62,10 @@ def test_ctc_loss_matches_brute_force_and_joins_the_transducer_loss():
         ref = _brute_force_ctc(log_probs[b, :n], labels[b, :u].tolist())
         np.testing.assert_allclose(ctc[b], ref, rtol=1e-4)
 
+    # Too few frames for the labels (5 frames; 4 labels with 2 repeats need 6): contributes 0.
+    short = model.ctc_loss(enc, enc_lengths, jnp.array([[1, 1, 1, 2]] * 2), jnp.array([4, 4]))
+    assert float(short[1]) == 0.0 and 0.0 < float(short[0]) < 1e3
+
     plain = TransformerTransducer(dataclasses.replace(CFG, ctc_weight=0.0), rngs=nnx.Rngs(0))
     plain.eval()
     assert not hasattr(plain, "ctc_head")

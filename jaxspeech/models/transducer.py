@@ -122,11 +122,18 @@ class TransformerTransducer(nnx.Module):
     def ctc_loss(
         self, enc: jax.Array, enc_lengths: jax.Array, labels: jax.Array, label_lengths: jax.Array
     ) -> jax.Array:
-        """Per-example CTC negative log-likelihood [B] (nats) of the auxiliary head on `enc`."""
+        """Per-example CTC negative log-likelihood [B] (nats) of the auxiliary head on `enc`.
+
+        An example whose labels cannot be aligned to its frames (fewer frames than labels plus
+        adjacent repeats, which CTC must separate by a blank) contributes 0 rather than the
+        huge finite value `optax.ctc_loss` gives it, so fast speech cannot derail training.
+        """
         logits = self.ctc_head(enc).astype(jnp.float32)
+        valid_labels = length_mask(label_lengths, labels.shape[1])
         frame_pad = (~length_mask(enc_lengths, enc.shape[1])).astype(jnp.float32)
-        label_pad = (~length_mask(label_lengths, labels.shape[1])).astype(jnp.float32)
-        return optax.ctc_loss(logits, frame_pad, labels, label_pad, blank_id=0)
+        loss = optax.ctc_loss(logits, frame_pad, labels, (~valid_labels).astype(jnp.float32))
+        repeats = jnp.sum((labels[:, 1:] == labels[:, :-1]) & valid_labels[:, 1:], axis=1)
+        return jnp.where(enc_lengths >= label_lengths + repeats, loss, 0.0)
 
     # Streaming ---------------------------------------------------------------------------------
 
