@@ -30,6 +30,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", "experiments/commands_tt.py"
 _SECONDS = flags.DEFINE_float("seconds", 0.0, "Utterance length (default: data.max_duration).")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after one warm-up step).")
 _VOCAB = flags.DEFINE_integer("vocab_size", 0, "Vocabulary size when config.model has -1.")
+_LABEL_RATE = flags.DEFINE_float(
+    "labels_per_second",
+    0.0,
+    "Label length per second of audio (default: 15 for characters, 4 for SentencePiece units).",
+)
 _MATMUL = flags.DEFINE_integer(
     "matmul_size", 0, "Peak matmul size (default: 8192 GPU/TPU, 2048 CPU)."
 )
@@ -77,7 +82,8 @@ def main(argv):
 
     seconds = _SECONDS.value or float(config.data.max_duration)
     batch_size = int(config.data.batch_size) * jax.process_count()
-    n, u = int(seconds * 16000), max(8, int(seconds * 15))  # ~15 chars/s of speech
+    rate = _LABEL_RATE.value or (15.0 if config.data.tokenizer == "char" else 4.0)
+    n, u = int(seconds * 16000), max(8, int(seconds * rate))
     rng = np.random.default_rng(0)
     batch = sharding.shard_batch(
         {
@@ -111,6 +117,7 @@ def main(argv):
         "devices": jax.device_count(),
         "batch_size": batch_size,
         "utterance_seconds": seconds,
+        "label_length": u,
         "params": state_lib.count_params(state),
         "compile_seconds": round(compile_s, 2),
         "step_seconds": step_s,
