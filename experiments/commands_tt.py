@@ -128,7 +128,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             keep_checkpoints=2,
             bf16=False,
             seed=0,
-            nonfinite="fail",  # what to do on a NaN/Inf loss ('fail'; 'skip' comes later)
+            nonfinite="fail",  # NaN/Inf loss or gradient: 'fail' (naming step, batch) or 'skip'
         )
     )
 

@@ -5,11 +5,12 @@ bad-input errors raised before any training time is spent."""
 import importlib.util
 import json
 import os
+import signal
 
 import jax
 import pytest
 
-from jaxspeech.train import checkpoint, loop
+from jaxspeech.train import checkpoint, loop, metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -91,6 +92,48 @@ def test_resume_matches_uninterrupted_run(resumed_run):
     assert sorted(b) == list(range(1, 9))  # the rerun continued at step 5
     for step in range(1, 9):
         assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-5), step
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_then_resume_is_bit_exact(resumed_run, tfds_dir, tmp_path, monkeypatch):
+    """A real SIGTERM after step 3: checkpoint at 3, clean return; the rerun's losses equal the
+    uninterrupted run's exactly (same data order, same RNG streams)."""
+    straight = resumed_run[0]
+    work = tmp_path / "preempted"
+    write = metrics.MetricWriter.write_scalars
+
+    def write_then_terminate(self, step, scalars, prefix=""):
+        write(self, step, scalars, prefix=prefix)
+        if step == 3 and not prefix:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(metrics.MetricWriter, "write_scalars", write_then_terminate)
+    first = loop.train_and_evaluate(tiny_config(tfds_dir, num_steps=8), str(work))
+    monkeypatch.undo()
+    assert first == {"preempted": True, "step": 3}
+    assert checkpoint.Checkpointer(str(work)).latest_step() == 3
+    assert not os.path.exists(work / "eval.json")
+    assert signal.getsignal(signal.SIGTERM) == handler  # restored
+    second = loop.train_and_evaluate(tiny_config(tfds_dir, num_steps=8), str(work))
+    assert second["step"] == 8
+    a, b = losses(straight), losses(work)
+    assert sorted(b) == list(range(1, 9))
+    assert [b[s] for s in range(1, 9)] == [a[s] for s in range(1, 9)]
+
+
+def test_nonfinite_policies():
+    finite = {"finite": 1.0, "loss": 2.0, "grad_norm": 1.0}
+    bad = {"finite": 0.0, "loss": float("nan"), "grad_norm": float("nan")}
+    history = [(1, finite), (2, bad), (3, bad)]
+    assert loop._check_finite(history, "skip") == 2
+    assert loop._check_finite(history[:1], "fail") == 0
+    ids = {2: ["spk1-utt7", "spk2-utt9", ""]}
+    match = "step 2.*spk1-utt7, spk2-utt9 .*nonfinite=skip"
+    with pytest.raises(loop.NonFiniteLossError, match=match):
+        loop._check_finite(history, "fail", ids)
+    with pytest.raises(ValueError, match="unknown train.nonfinite policy 'ignore'"):
+        loop._check_finite([], "ignore")
 
 
 @pytest.mark.slow

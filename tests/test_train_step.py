@@ -4,6 +4,7 @@ one CPU device vs 8 simulated devices (data x fsdp x tensor = 2 x 2 x 2) give th
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxspeech import features
-from jaxspeech.train import loop, sharding
+from jaxspeech.train import distributed, loop, sharding
 from jaxspeech.train import state as state_lib
 from jaxspeech.train import step as step_lib
 
@@ -64,6 +65,10 @@ def run_steps(mesh_sizes=(1, 1, 1), num_steps=NUM_STEPS):
         batch_sharding=bsharding,
     )
     batch = fixed_batch()
+    if jax.process_count() > 1:  # this process's rows of the global batch (its devices' shards)
+        rows = len(batch["audio"]) // jax.process_count()
+        start = jax.process_index() * rows
+        batch = {k: v[start : start + rows] for k, v in batch.items()}
     metrics = []
     with jax.set_mesh(mesh):
         for _ in range(num_steps):
@@ -134,7 +139,49 @@ def test_one_vs_eight_devices_same_losses(one_device_run):
     np.testing.assert_allclose(result["losses"], one_device_run[0], rtol=1e-5, atol=1e-5)
 
 
-if __name__ == "__main__":  # the 8-device half of the test above, in its own process
+@pytest.mark.slow
+def test_two_processes_same_losses_as_one(one_device_run):
+    """2 processes x 4 CPU devices (gloo collectives over localhost) == 1 process x 1 device."""
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+    )
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, f"localhost:{port}", "2", str(i)],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert [r["num_processes"] for r in results] == [2, 2]
+    assert results[0]["num_devices"] == 8 and results[0]["local_devices"] == 4
+    np.testing.assert_allclose(results[0]["losses"], one_device_run[0], rtol=1e-5, atol=1e-5)
+    assert results[0]["losses"] == results[1]["losses"]
+
+
+if __name__ == "__main__":  # the 8-device halves of the tests above, in their own processes
+    if len(sys.argv) == 4:  # coordinator, number of processes, process id
+        distributed.initialize(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
     losses, _, state, shardings, _ = run_steps(mesh_sizes=(2, 2, 2))
     specs = sorted({str(s.spec) for s in jax.tree.leaves(shardings["params"])})
-    print(json.dumps({"num_devices": jax.device_count(), "losses": losses, "param_specs": specs}))
+    print(
+        json.dumps(
+            {
+                "num_devices": jax.device_count(),
+                "local_devices": jax.local_device_count(),
+                "num_processes": jax.process_count(),
+                "losses": losses,
+                "param_specs": specs,
+            }
+        )
+    )

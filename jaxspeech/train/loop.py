@@ -14,6 +14,8 @@ Phases (each fails with a clear message before training time is spent when its i
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -45,15 +47,64 @@ class NonFiniteLossError(FloatingPointError):
     """The loss or gradient norm became NaN/Inf."""
 
 
-def _check_finite(history: list[tuple[int, dict]], policy: str) -> None:
-    for step, m in history:
-        if not m["finite"]:
-            if policy == "fail":
-                raise NonFiniteLossError(
-                    f"non-finite loss at step {step}: loss={m['loss']}, grad_norm={m['grad_norm']} "
-                    "(the update of that step was not applied; the last checkpoint is intact)"
-                )
-            raise ValueError(f"unknown train.nonfinite policy {policy!r}")
+NONFINITE_POLICIES = ("fail", "skip")
+
+
+def _check_finite(history: list[tuple[int, dict]], policy: str, batch_ids=None) -> int:
+    """The number of non-finite steps in `history`; raises under policy 'fail'.
+
+    The train step never applies a non-finite update (it keeps the parameters and optimizer
+    state), so 'skip' only counts. `batch_ids` maps a step to the utterance ids of its batch."""
+    if policy not in NONFINITE_POLICIES:
+        raise ValueError(
+            f"unknown train.nonfinite policy {policy!r}; use one of {NONFINITE_POLICIES}"
+        )
+    bad = [(step, m) for step, m in history if not m["finite"]]
+    if bad and policy == "fail":
+        step, m = bad[0]
+        ids = [i for i in (batch_ids or {}).get(step, ()) if i]
+        shown = ", ".join(ids[:8]) + (f" (+{len(ids) - 8} more)" if len(ids) > 8 else "")
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step}: loss={m['loss']}, grad_norm={m['grad_norm']}"
+            + (f"; batch utterances: {shown}" if ids else "")
+            + " (the update of that step was not applied; the last checkpoint is intact; "
+            "--config.train.nonfinite=skip skips such steps and counts them)"
+        )
+    return len(bad)
+
+
+class Preemption:
+    """Turns SIGTERM into a request to checkpoint and stop at the next step boundary.
+
+    One process: a SIGTERM handler sets a flag (installed only from the main thread; the previous
+    handler is restored on exit). Several processes: JAX's preemption sync point, so that every
+    process stops at the same step (the coordination service relays the notice to all of them).
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
 
 def evaluate_split(
@@ -142,9 +193,29 @@ def train_and_evaluate(config, workdir: str) -> dict:
         batch_sharding=bsharding,
     )
     recognizer = None
-    history, audio_seconds, t0 = [], 0.0, time.perf_counter()
+    history, batch_ids, audio_seconds, t0 = [], {}, 0.0, time.perf_counter()
     last_log_step = step
-    with jax.set_mesh(mesh):
+    _check_finite([], tc.nonfinite)  # an unknown policy fails now, not at the first log
+
+    def log_interval():
+        """Writes the mean metrics of the steps since the last log (finite steps only)."""
+        nonlocal history, batch_ids, audio_seconds, t0, last_log_step
+        history = [(s, jax.device_get(m)) for s, m in history]
+        skipped = _check_finite(history, tc.nonfinite, batch_ids)
+        elapsed = time.perf_counter() - t0
+        finite = [m for _, m in history if m["finite"]] or [m for _, m in history]
+        scalars = {k: float(np.mean([m[k] for m in finite])) for k in history[0][1]}
+        scalars.pop("finite")
+        scalars["learning_rate"] = float(history[-1][1]["learning_rate"])
+        scalars["steps_per_sec"] = (step - last_log_step) / elapsed
+        scalars["audio_sec_per_sec"] = audio_seconds / elapsed
+        if tc.nonfinite == "skip":
+            scalars["skipped_steps"] = float(skipped)
+        writer.write_scalars(step, scalars)
+        history, batch_ids, audio_seconds = [], {}, 0.0
+        t0, last_log_step = time.perf_counter(), step
+
+    with jax.set_mesh(mesh), Preemption() as preemption:
         try:
             while step < tc.num_steps:
                 batch = next(train_iter)
@@ -155,18 +226,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 state, metrics = train_step(state, arrays)
                 step += 1
                 history.append((step, metrics))
+                batch_ids[step] = batch.get("id", ())
                 writer.advance()
                 if step % tc.log_every == 0 or step == tc.num_steps:
-                    history = [(s, jax.device_get(m)) for s, m in history]
-                    _check_finite(history, tc.nonfinite)
-                    elapsed = time.perf_counter() - t0
-                    scalars = {k: float(np.mean([m[k] for _, m in history])) for k in history[0][1]}
-                    scalars.pop("finite")
-                    scalars["learning_rate"] = float(history[-1][1]["learning_rate"])
-                    scalars["steps_per_sec"] = (step - last_log_step) / elapsed
-                    scalars["audio_sec_per_sec"] = audio_seconds / elapsed
-                    writer.write_scalars(step, scalars)
-                    history, audio_seconds, t0, last_log_step = [], 0.0, time.perf_counter(), step
+                    log_interval()
                 if step % tc.eval_every == 0 or step == tc.num_steps:
                     eval_start = time.perf_counter()
                     recognizer = _recognizer(recognizer, graphdef, state, config, feature_cfg)
@@ -187,8 +250,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
                         f"on {report['num_utterances']} utterances"
                     )
                     t0 += time.perf_counter() - eval_start  # throughput excludes evaluation
-                if step % tc.checkpoint_every == 0 or step == tc.num_steps:
+                saved = step % tc.checkpoint_every == 0 or step == tc.num_steps
+                if saved:
                     ckpt.save(step, state, data_state=train_iter.get_state(), model=description)
+                if step < tc.num_steps and preemption.should_stop(step):
+                    if history:
+                        log_interval()
+                    if not saved:
+                        ckpt.save(step, state, data_state=train_iter.get_state(), model=description)
+                    ckpt.wait()
+                    writer.close_progress()
+                    writer.log(
+                        f"preempted (SIGTERM) at step {step}: checkpoint written to "
+                        f"{ckpt.directory}; rerun the same command to resume"
+                    )
+                    writer.close()
+                    return {"preempted": True, "step": step}
         finally:  # also on errors: let pending asynchronous saves finish
             ckpt.close()
         writer.close_progress()
