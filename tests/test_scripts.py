@@ -100,3 +100,22 @@ def test_transcribe_missing_file(trained, tmp_path):
     workdir, _ = trained
     with pytest.raises(FileNotFoundError, match="nope.wav"):
         script("transcribe").main(["--workdir", str(workdir), str(tmp_path / "nope.wav")])
+
+
+def test_tpu_launch_dry_run():
+    script = os.path.join(ROOT, "scripts", "tpu_launch.sh")
+    env = dict(os.environ, DRY_RUN="1", PROJECT="proj")
+    args = ["train", "my-tpu", "us-east5-a", "experiments/librispeech_tt.py", "gs://b/run"]
+    out = subprocess.run(
+        ["bash", script, *args, "--config.train.num_steps=5"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.startswith("gcloud compute tpus tpu-vm ssh my-tpu --zone us-east5-a --worker=all")
+    assert "--project proj" in out
+    for word in ("train.py", "--distributed", "gs://b/run", "--config.train.num_steps=5", "nohup"):
+        assert word in out.replace("\\", ""), word
+    bad = subprocess.run(["bash", script, "deploy", "t", "z"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "tpu_launch.sh setup" in bad.stderr
