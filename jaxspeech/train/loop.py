@@ -78,7 +78,9 @@ class Preemption:
 
     One process: a SIGTERM handler sets a flag (installed only from the main thread; the previous
     handler is restored on exit). Several processes: JAX's preemption sync point, so that every
-    process stops at the same step (the coordination service relays the notice to all of them).
+    process stops at the same step (the coordination service relays the notice to all of them);
+    there no Python handler is installed, since it would replace the one JAX's preemption notifier
+    registered.
     """
 
     def __init__(self):
@@ -86,7 +88,8 @@ class Preemption:
         self._previous = None
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        single = jax.process_count() == 1
+        if single and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
