@@ -186,6 +186,7 @@ def bench_fused_speed(shape, time_chunk, reps, materialized=True):
             f"= {flops / t_['fused'] / 1e12:.1f} TFLOP/s"
         )
         return
+    t_ = time_interleaved(fns, params, enc, pred, labels, tl, ul, reps=reps)
     mat, fus = t_["materialized"], t_["fused"]
     print(
         f"  joint+loss gradient step (time_chunk={time_chunk}): materialized {mat * 1e3:7.1f} ms"
