@@ -5,20 +5,17 @@ JAX's preemption notifier."""
 
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 
+import localhost_processes  # tests/localhost_processes.py
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-def _child(coordinator: str, process_id: int) -> None:
+def _child(coordinator: str, num_processes: int, process_id: int) -> None:
     from jaxspeech.train import distributed
 
-    distributed.initialize(coordinator, 2, process_id)
+    distributed.initialize(coordinator, num_processes, process_id)
     import jax
     from jax.experimental import multihost_utils
 
@@ -38,28 +35,10 @@ def _child(coordinator: str, process_id: int) -> None:
 
 @pytest.mark.slow
 def test_sigterm_on_one_process_stops_both_at_the_same_step():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, f"localhost:{port}", str(i)],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    stops = [out.strip().splitlines()[-1] for out, _ in outs]
+    stops = localhost_processes.run_processes(__file__, 2, timeout=300)
     assert stops[0] == stops[1] and stops[0].startswith("stop "), stops
     assert int(stops[0].split()[1]) >= 20
 
 
 if __name__ == "__main__":
-    _child(sys.argv[1], int(sys.argv[2]))
+    _child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

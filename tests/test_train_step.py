@@ -4,11 +4,11 @@ one CPU device vs 8 simulated devices (data x fsdp x tensor = 2 x 2 x 2) give th
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import jax
+import localhost_processes  # tests/localhost_processes.py
 import numpy as np
 import pytest
 
@@ -142,27 +142,8 @@ def test_one_vs_eight_devices_same_losses(one_device_run):
 @pytest.mark.slow
 def test_two_processes_same_losses_as_one(one_device_run):
     """2 processes x 4 CPU devices (gloo collectives over localhost) == 1 process x 1 device."""
-    env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
-    )
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, f"localhost:{port}", "2", str(i)],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0, err[-3000:]
-    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    lines = localhost_processes.run_processes(__file__, 2, devices=4)
+    results = [json.loads(line) for line in lines]
     assert [r["num_processes"] for r in results] == [2, 2]
     assert results[0]["num_devices"] == 8 and results[0]["local_devices"] == 4
     np.testing.assert_allclose(results[0]["losses"], one_device_run[0], rtol=1e-5, atol=1e-5)
