@@ -50,7 +50,7 @@ def initialize(
             "multi-process start-up needs all of coordinator address, number of processes and "
             f"process id (flags or {', '.join(ENV)}); got {explicit}"
         )
-    if "cpu" in (os.environ.get("JAX_PLATFORMS") or "").split(","):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Collectives between the CPU devices of different processes (used only by the CPU backend).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
     return True
