@@ -111,7 +111,7 @@ def main(argv):
         "batch_size": batch,
         "utterance_seconds": seconds,
         "chunk_seconds": chunk_s,
-        "params": sum(x.size for x in jax.tree.leaves(params)),
+        "params": sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))),
         "ms": {k: round(v * 1e3, 3) for k, v in t.items()},
         "rtf": {
             "encoder": t["encoder"] / audio_s,
