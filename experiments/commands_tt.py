@@ -16,6 +16,8 @@ the config is locked, so a misspelled key is an error.
 
 import ml_collections
 
+from jaxspeech.train import quantize
+
 # The numbers that decide the run's cost and quality, in one place. Measured on 2 CPU cores
 # (validation WER after 1 epoch, experiments/RESULTS.md): batch 8 learns more per epoch than 16 at
 # the same audio seconds per second; an auxiliary CTC loss on the encoder (weight 1.0) and no
@@ -133,6 +135,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             bf16=False,
             seed=0,
             nonfinite="fail",  # NaN/Inf loss or gradient: 'fail' (naming step, batch) or 'skip'
+            init_from="",  # a trained workdir to warm-start from (params, normalization, tokenizer)
         )
     )
 
@@ -140,4 +143,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # max_output_len=0: T * max_symbols_per_frame (never truncates)
         dict(decoder="greedy", beam_size=4, max_symbols_per_frame=3, max_output_len=0)
     )
+    # Quantization-aware training (squashed weights); off here (experiments/commands_squashed.py).
+    c.quant = quantize.default_config(enabled=False)
     return c

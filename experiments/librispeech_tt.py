@@ -19,6 +19,8 @@ On a pod slice, shard parameters too, e.g. `--config.mesh.fsdp=8` (data fills th
 
 import ml_collections
 
+from jaxspeech.train import quantize
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     local = arg or ""
@@ -132,9 +134,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             bf16=True,
             seed=0,
             nonfinite="fail",
+            init_from="",  # a trained workdir to warm-start from (params, normalization, tokenizer)
         )
     )
     c.eval = ml_collections.ConfigDict(
         dict(decoder="beam", beam_size=4, max_symbols_per_frame=3, max_output_len=256)
     )
+    # Quantization-aware training (squashed weights); off here (experiments/commands_squashed.py).
+    c.quant = quantize.default_config(enabled=False)
     return c

@@ -3,8 +3,11 @@ r"""Evaluates a trained workdir: WER with substitutions/deletions/insertions and
   python scripts/evaluate.py --workdir runs/commands_tt                       # test split
   python scripts/evaluate.py --workdir runs/commands_tt --split validation --decoder beam
   python scripts/evaluate.py --workdir runs/commands_tt --manifest my_test.jsonl
+  python scripts/evaluate.py --workdir runs/squashed/tanh_2 --artifact model.jxq  # in the workdir
 
-Prints the report and writes it to WORKDIR/eval_<split>_<decoder>.json.
+With `--artifact` the weights come from a quantized artifact (scripts/export_quantized.py) and the
+workdir gives only the config and tokenizer. Prints the report and writes it to
+WORKDIR/eval_<split>_<decoder>[_artifact].json.
 """
 
 import argparse
@@ -32,10 +35,16 @@ def main(argv=None):
     p.add_argument("--beam_size", type=int, default=None)
     p.add_argument("--max_symbols_per_frame", type=int, default=None)
     p.add_argument("--max_utterances", type=int, default=-1)
+    p.add_argument(
+        "--artifact", default=None, help="quantized artifact (a path, or a file in the workdir)"
+    )
     args = p.parse_args(argv)
     logging.set_verbosity(logging.WARNING)
 
-    trained = evaluate.load_trained(args.workdir)
+    if args.artifact:
+        trained = evaluate.load_artifact(args.workdir, evaluate.artifact_path(args))
+    else:
+        trained = evaluate.load_trained(args.workdir)
     config = trained.config
     decoder = args.decoder or config.eval.decoder
     recognizer = evaluate.Recognizer(
@@ -51,7 +60,8 @@ def main(argv=None):
     )
     report.update(step=trained.step, split=split, decoder=decoder)
     name = re.sub(r"[^\w.-]+", "_", os.path.basename(args.manifest) if args.manifest else split)
-    out = os.path.join(args.workdir, f"eval_{name}_{decoder}.json")
+    suffix = "_artifact" if args.artifact else ""
+    out = os.path.join(args.workdir, f"eval_{name}_{decoder}{suffix}.json")
     metrics.write_json(out, report)
     print(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=2))
     print(

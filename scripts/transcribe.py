@@ -2,7 +2,8 @@ r"""Transcribes audio files with a trained workdir's latest checkpoint (greedy d
 
   python scripts/transcribe.py --workdir runs/commands_tt a.wav b.flac
 
-Prints one line per file: `<path>\t<transcript>`.
+Prints one line per file: `<path>\t<transcript>`. `--artifact FILE` takes the weights from a
+quantized artifact (scripts/export_quantized.py) instead of the checkpoint.
 """
 
 import argparse
@@ -17,6 +18,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--decoder", choices=("greedy", "beam"), default="greedy")
+    p.add_argument(
+        "--artifact", default=None, help="quantized artifact (a path, or a file in the workdir)"
+    )
     p.add_argument("files", nargs="+", help="audio files (wav, flac, ...; resampled to 16 kHz)")
     args = p.parse_args(argv)
     logging.set_verbosity(logging.WARNING)
@@ -24,7 +28,10 @@ def main(argv=None):
     if missing:  # before the model is loaded
         raise FileNotFoundError(f"audio files not found: {', '.join(missing)}")
 
-    trained = evaluate.load_trained(args.workdir)
+    if args.artifact:
+        trained = evaluate.load_artifact(args.workdir, evaluate.artifact_path(args))
+    else:
+        trained = evaluate.load_trained(args.workdir)
     recognizer = evaluate.Recognizer(
         trained.model, decoder=args.decoder, beam_size=trained.config.eval.beam_size
     )

@@ -331,3 +331,39 @@ def test_qat_on_transformer_transducer_forward_grad_and_export(tmp_path):
     loaded = load_quantized(tmp_path / "tt.jxq", template=params)
     np.testing.assert_array_equal(loss_fn(loaded), loss_fn(eff))
     assert report.kernel_ratio > 10
+
+
+def test_rules_from_config_per_layer_type():
+    from jaxspeech.models import TransducerConfig, TransformerTransducer
+    from jaxspeech.train import quantize
+
+    cfg = TransducerConfig(
+        num_mels=16, vocab_size=11, d_model=16, num_heads=2, mlp_dim=32, num_layers=1,
+        subsampling_channels=4, predictor_dim=8, joint_dim=8, ctc_weight=0.5,
+    )  # fmt: skip
+    params = nnx.state(TransformerTransducer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    assert quantize.rules_from_config(quantize.default_config(enabled=False)) is None
+    quant = quantize.default_config(enabled=True, bits=3, squash="cdf")
+    quant.layer_bits.feed_forward = 0
+    quant.layer_bits.joint = 8
+    sel = qat.selected(params, quantize.rules_from_config(quant))
+    bits = {p: r.bits for p, r in sel.items()}
+    assert bits["encoder/blocks/0/attn/query/kernel"] == 3
+    assert sel["encoder/blocks/0/attn/query/kernel"].channel_axes == (-2, -1)
+    assert sel["encoder/blocks/0/attn/out/kernel"].channel_axes == (-1,)
+    assert bits["subsampling/convs/1/kernel"] == bits["predictor/layers/0/input_proj/kernel"] == 3
+    assert bits["joint/out/kernel"] == bits["ctc_head/kernel"] == 8
+    assert not any("ffn" in p or "embed" in p or "norm" in p or p.endswith("bias") for p in sel)
+    assert {r.squash for r in sel.values()} == {"cdf"}
+    rules = quantize.rules_from_config(quant)
+    # weight decay: not on squashed thetas nor amplitudes; on float matrices as before
+    trainable = quantize.to_trainable(params, rules)
+    mask = quantize.decay_mask(trainable, rules)
+    flat = {qat.path_str(kp): m for kp, m in jax.tree_util.tree_flatten_with_path(mask)[0]}
+    assert flat["theta/encoder/blocks/0/ffn/up/kernel"]  # float here: decayed as in float runs
+    assert not flat["theta/encoder/blocks/0/attn/query/kernel"]
+    assert not flat["theta/encoder/blocks/0/ffn/up/bias"]
+    assert flat["amplitudes/encoder/blocks/0/attn/query/kernel"] is False
+    assert set(quantize.as_qat_params(trainable).amplitudes) == set(sel)
+    with pytest.raises(ValueError, match="convolutions"):  # a typo'd layer type is an error
+        quantize.rules_from_config(quantize.default_config(True, layer_bits={"convolutions": 4}))

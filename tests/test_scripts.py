@@ -119,3 +119,89 @@ def test_tpu_launch_dry_run():
         assert word in out.replace("\\", ""), word
     bad = subprocess.run(["bash", script, "deploy", "t", "z"], capture_output=True, text=True)
     assert bad.returncode == 2 and "tpu_launch.sh setup" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def squashed(trained, tmp_path_factory):
+    """experiments/commands_squashed.py:tiny,tanh,2 warm-started from the float `trained` run."""
+    from jaxspeech.train import loop
+
+    float_dir, tfds_dir = trained
+    spec = importlib.util.spec_from_file_location(
+        "commands_squashed", os.path.join(ROOT, "experiments", "commands_squashed.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny,tanh,2")
+    config.data.tfds_data_dir = str(tfds_dir)
+    config.train.init_from = str(float_dir)
+    config.train.num_steps = config.train.eval_every = config.train.checkpoint_every = 4
+    workdir = tmp_path_factory.mktemp("qat") / "work"
+    loop.train_and_evaluate(config, str(workdir))
+    return workdir, config
+
+
+def test_qat_run_warm_starts_from_the_float_model(trained, squashed):
+    from jaxspeech.train import evaluate
+
+    float_dir, _ = trained
+    workdir, _ = squashed
+    assert (workdir / "tokenizer").is_dir()  # copied from the float run
+    with open(workdir / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f if '"loss"' in line]
+    assert rows and all(r["quant_regularizer"] > 0 for r in rows)
+    fp, qat = evaluate.load_trained(str(float_dir)), evaluate.load_trained(str(workdir))
+    w_float = np.asarray(fp.model.encoder.blocks[0].ffn.up.kernel[...])
+    w_qat = np.asarray(qat.model.encoder.blocks[0].ffn.up.kernel[...])
+    # 2-bit: at most 4 levels per output channel, and close to the float weights it started from
+    assert max(np.unique(w_qat[:, j]).size for j in range(w_qat.shape[1])) <= 4
+    assert np.corrcoef(w_float.ravel(), w_qat.ravel())[0, 1] > 0.8
+    np.testing.assert_array_equal(fp.model.feature_norm.mean[...], qat.model.feature_norm.mean[...])
+
+
+def test_export_then_artifact_inference_is_exact(squashed, wav_manifest, capsys):
+    from jaxspeech.train import evaluate
+
+    workdir, _ = squashed
+    _, paths = wav_manifest
+    script("export_quantized").main(["--workdir", str(workdir)])
+    assert "smaller than float32" in capsys.readouterr().out
+    with open(workdir / "export.json") as f:
+        report = json.load(f)
+    assert report["num_quantized"] >= 10 and report["components"]["encoder"]["ratio"] > 4
+    # the artifact's weights are the QAT model's effective weights, bit for bit
+    qat = evaluate.load_trained(str(workdir))
+    art = evaluate.load_artifact(str(workdir), str(workdir / "model.jxq"))
+    got = jax_leaves(evaluate.inference_state(art.model))
+    want = jax_leaves(evaluate.inference_state(qat.model))
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    # and the transcripts from the artifact are those of the checkpoint
+    script("transcribe").main(["--workdir", str(workdir), *paths])
+    from_checkpoint = capsys.readouterr().out
+    script("transcribe").main(["--workdir", str(workdir), "--artifact", "model.jxq", *paths])
+    assert capsys.readouterr().out == from_checkpoint
+
+
+def jax_leaves(state):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(state)]
+
+
+def test_float_config_refuses_a_qat_checkpoint_and_ptq_export(trained, squashed):
+    from jaxspeech.train import checkpoint, loop
+
+    float_dir, _ = trained
+    workdir, config = squashed
+    float_config = config.copy_and_resolve_references()
+    float_config.quant.enabled = False
+    with pytest.raises(checkpoint.IncompatibleCheckpointError, match="quant"):
+        loop.train_and_evaluate(float_config, str(workdir))
+    with pytest.raises(ValueError, match="--bits"):
+        script("export_quantized").export_workdir(str(float_dir))
+    summary = script("export_quantized").export_workdir(
+        str(float_dir), str(float_dir / "ptq8.jxq"), bits=8
+    )
+    assert summary["components"]["encoder"]["ratio"] > 2.5

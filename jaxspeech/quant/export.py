@@ -259,3 +259,17 @@ def load_quantized(path: str | os.PathLike, template: Any = None) -> Any:
     if extra:
         raise ArtifactError(f"{path}: mismatched: artifact leaves not in the template: {extra}")
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def component_nbytes(path: str | os.PathLike, prefixes: dict[str, tuple[str, ...]]) -> dict:
+    """``{name: {"nbytes": stored, "float32_nbytes": as float32}}`` of the leaves whose path
+    starts with one of ``prefixes[name]`` (payload bytes: codes + scales or raw data)."""
+    header, _ = read_artifact(path)
+    out = {name: {"nbytes": 0, "float32_nbytes": 0} for name in prefixes}
+    for e in header["entries"]:
+        for name, starts in prefixes.items():
+            if e["path"].startswith(tuple(starts)):
+                blobs = ("codes", "scale") if e["kind"] == "quantized" else ("data",)
+                out[name]["nbytes"] += sum(e[b]["nbytes"] for b in blobs)
+                out[name]["float32_nbytes"] += 4 * int(np.prod(e["shape"], dtype=np.int64))
+    return out

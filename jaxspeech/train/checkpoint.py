@@ -64,8 +64,9 @@ def _decode_iterator_state(state):
     return state
 
 
-def model_description(cfg, param_shapes: dict) -> dict:
-    return {"config": dataclasses.asdict(cfg), "param_shapes": param_shapes}
+def model_description(cfg, param_shapes: dict, quant: dict | None = None) -> dict:
+    """What a checkpoint must match: the model config, parameter shapes and the QAT setup."""
+    return {"config": dataclasses.asdict(cfg), "param_shapes": param_shapes, "quant": quant or {}}
 
 
 def describe_differences(saved: dict, current: dict) -> list[str]:
@@ -79,6 +80,11 @@ def describe_differences(saved: dict, current: dict) -> list[str]:
     for k in sorted(set(ss) | set(cs)):
         if ss.get(k) != cs.get(k):
             diffs.append(f"param {k}: checkpoint {ss.get(k)} vs model {cs.get(k)}")
+    sq, cq = saved.get("quant", {}), current.get("quant", {})
+    if sq != cq:
+        diffs.append(
+            f"quant: checkpoint {sq or 'float (no QAT)'} vs config {cq or 'float (no QAT)'}"
+        )
     return diffs
 
 

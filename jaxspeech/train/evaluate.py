@@ -161,10 +161,12 @@ def evaluate(
 
 
 class Trained(NamedTuple):
-    model: object  # TransformerTransducer with the checkpoint's weights
+    model: object  # TransformerTransducer with the weights it runs with (fake-quantized if QAT)
     tokenizer: object
     config: ml_collections.ConfigDict
     step: int
+    params: object = None  # the trained parameters as stored (the QAT trainable tree under QAT)
+    quant_rules: tuple | None = None  # the QAT rules (None: a float model)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -178,7 +180,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 def load_trained(workdir: str, step: int | None = None) -> Trained:
     """The model of `workdir`'s latest (or given) checkpoint, its tokenizer and config."""
     from jaxspeech.data import tokenizers
-    from jaxspeech.train import checkpoint, sharding
+    from jaxspeech.train import checkpoint, quantize, sharding
     from jaxspeech.train import state as state_lib
 
     config = load_config(workdir)
@@ -190,14 +192,56 @@ def load_trained(workdir: str, step: int | None = None) -> Trained:
     model_cfg = state_lib.model_config(
         config.model, vocab_size=tokenizer.vocab_size, bf16=bool(config.train.bf16)
     )
-    tx, _ = state_lib.make_optimizer(config.optim, int(config.train.num_steps))
+    rules = quantize.rules_from_config(config.get("quant"))
+    tx, _ = state_lib.make_optimizer(config.optim, int(config.train.num_steps), rules)
     mesh = sharding.make_mesh(config.mesh)
     graphdef, abstract, _ = state_lib.abstract_train_state(
-        model_cfg, tx, mesh, sharding.axis_rules(config.mesh), seed=int(config.train.seed)
+        model_cfg,
+        tx,
+        mesh,
+        sharding.axis_rules(config.mesh),
+        seed=int(config.train.seed),
+        quant_rules=rules,
     )
     state, _ = ckpt.restore(abstract, step)
     ckpt.close()
-    return Trained(state_lib.merge_model(graphdef, state), tokenizer, config, int(step))
+    model = state_lib.merge_model(graphdef, state, rules)
+    return Trained(model, tokenizer, config, int(step), state["params"], rules)
+
+
+def inference_state(model):
+    """The model state an exported artifact holds: parameters and feature statistics."""
+    from jaxspeech.models.transducer import FeatureStat
+
+    return nnx.state(model, nnx.Any(nnx.Param, FeatureStat))
+
+
+def artifact_path(args) -> str:
+    """`args.artifact` as given, or relative to `args.workdir` when that is where it exists."""
+    inside = os.path.join(args.workdir, args.artifact)
+    return args.artifact if os.path.exists(args.artifact) or not os.path.exists(inside) else inside
+
+
+def load_artifact(workdir: str, artifact: str) -> Trained:
+    """A model whose weights come from a quantized artifact (`scripts/export_quantized.py`), with
+    the config and tokenizer of the `workdir` it was exported from (no checkpoint is read). Its
+    outputs equal those of the QAT model the artifact was exported from, bit for bit."""
+    from jaxspeech.data import tokenizers
+    from jaxspeech.models import TransformerTransducer
+    from jaxspeech.quant import export
+    from jaxspeech.train import state as state_lib
+
+    config = load_config(workdir)
+    tokenizer = tokenizers.load_tokenizer(os.path.join(workdir, "tokenizer"))
+    model_cfg = state_lib.model_config(
+        config.model, vocab_size=tokenizer.vocab_size, bf16=bool(config.train.bf16)
+    )
+    model = TransformerTransducer(model_cfg, rngs=nnx.Rngs(int(config.train.seed)))
+    state = inference_state(model)
+    loaded = export.load_quantized(artifact, template=nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, loaded)
+    nnx.update(model, state)
+    return Trained(model, tokenizer, config, -1)
 
 
 def transcribe_files(

@@ -14,6 +14,7 @@ Phases (each fails with a clear message before training time is spent when its i
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
@@ -26,6 +27,7 @@ from jaxspeech.train import checkpoint as checkpoint_lib
 from jaxspeech.train import data as data_lib
 from jaxspeech.train import evaluate as evaluate_lib
 from jaxspeech.train import metrics as metrics_lib
+from jaxspeech.train import quantize
 from jaxspeech.train import sharding as sharding_lib
 from jaxspeech.train import state as state_lib
 from jaxspeech.train import step as step_lib
@@ -139,19 +141,26 @@ def train_and_evaluate(config, workdir: str) -> dict:
     tc = config.train
 
     # 2. data ------------------------------------------------------------------------------------
+    init = _warm_start_source(tc, workdir)
     tokenizer = data_lib.build_tokenizer(config.data, workdir)
     mesh = sharding_lib.make_mesh(config.mesh)
     rules = sharding_lib.axis_rules(config.mesh)
 
     # 3. model and checkpoint compatibility --------------------------------------------------------
     model_cfg = state_lib.model_config(config.model, vocab_size=tokenizer.vocab_size, bf16=tc.bf16)
+    quant_rules = quantize.rules_from_config(config.get("quant"))
     abstract = state_lib.abstract_model(model_cfg, tc.seed)
     description = checkpoint_lib.model_description(
-        model_cfg, state_lib.param_shapes({"params": _params(abstract)})
+        model_cfg,
+        state_lib.param_shapes({"params": _params(abstract)}),
+        quantize.describe(config.get("quant")),
     )
     ckpt = checkpoint_lib.Checkpointer(workdir, keep=tc.keep_checkpoints)
     ckpt.check_compatible(description)
     latest = ckpt.latest_step()
+    init_model = None
+    if latest is None and init is not None:
+        init_model = _load_init_model(init, description)
 
     divisor = sharding_lib.batch_divisor(mesh, rules)
     cache_dir = os.path.join(workdir, "cache")
@@ -165,13 +174,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # 4. state -----------------------------------------------------------------------------------
     feature_cfg = features.FeatureConfig(n_mels=model_cfg.num_mels)
     mean = std = None
-    if latest is None:
+    if latest is None and init_model is None:
         mean, std = data_lib.feature_statistics(
             train_pipe.source, config.data.num_norm_utterances, feature_cfg
         )
-    tx, schedule = state_lib.make_optimizer(config.optim, tc.num_steps)
+    tx, schedule = state_lib.make_optimizer(config.optim, tc.num_steps, quant_rules)
     graphdef, state, shardings = state_lib.create_train_state(
-        model_cfg, tx, mesh, rules, seed=tc.seed, feature_mean=mean, feature_std=std
+        model_cfg,
+        tx,
+        mesh,
+        rules,
+        seed=tc.seed,
+        feature_mean=mean,
+        feature_std=std,
+        quant_rules=quant_rules,
+        init_model=init_model,
     )
     train_iter = iter(train_pipe)
     if latest is not None:
@@ -181,6 +198,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         writer.log(f"resumed from {ckpt.directory} at step {latest}")
     else:
         writer.log(f"model: {state_lib.count_params(state):,} parameters; mesh {dict(mesh.shape)}")
+        if init_model is not None:
+            writer.log(f"warm start from {init}")
     step = int(jax.device_get(state["step"]))
 
     # 5. train -----------------------------------------------------------------------------------
@@ -194,6 +213,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         seed=tc.seed,
         state_shardings=shardings,
         batch_sharding=bsharding,
+        quant_rules=quant_rules,
+        quant_weight=float(config.quant.regularizer_weight) if quant_rules else 0.0,
     )
     recognizer = None
     history, batch_ids, audio_seconds, t0 = [], {}, 0.0, time.perf_counter()
@@ -235,7 +256,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     log_interval()
                 if step % tc.eval_every == 0 or step == tc.num_steps:
                     eval_start = time.perf_counter()
-                    recognizer = _recognizer(recognizer, graphdef, state, config, feature_cfg)
+                    recognizer = _recognizer(
+                        recognizer, graphdef, state, config, feature_cfg, quant_rules
+                    )
                     report = evaluate_split(
                         recognizer,
                         config,
@@ -274,7 +297,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         writer.close_progress()
 
         # 6. evaluate ----------------------------------------------------------------------------
-        recognizer = _recognizer(recognizer, graphdef, state, config, feature_cfg)
+        recognizer = _recognizer(recognizer, graphdef, state, config, feature_cfg, quant_rules)
         report = evaluate_split(
             recognizer, config, "test", tokenizer, pipelines=eval_pipelines, cache_dir=cache_dir
         )
@@ -296,8 +319,38 @@ def _params(model):
     return nnx.state(model, nnx.Param)
 
 
-def _recognizer(recognizer, graphdef, state, config, feature_cfg):
-    model = state_lib.merge_model(graphdef, state)
+def _warm_start_source(tc, workdir: str) -> str | None:
+    """`train.init_from` (a trained workdir), after copying its tokenizer into `workdir`."""
+    source = tc.get("init_from", "")
+    if not source:
+        return None
+    tokenizer_dir = os.path.join(source, "tokenizer")
+    if not os.path.isdir(tokenizer_dir):
+        raise FileNotFoundError(
+            f"train.init_from={source!r} is not a trained workdir: no {tokenizer_dir}"
+        )
+    if not os.path.exists(os.path.join(workdir, "tokenizer")):
+        shutil.copytree(tokenizer_dir, os.path.join(workdir, "tokenizer"))
+    return source
+
+
+def _load_init_model(source: str, description: dict):
+    """The trained model of `source`, checked to have this run's parameter shapes."""
+    trained = evaluate_lib.load_trained(source)
+    shapes = state_lib.param_shapes({"params": _params(trained.model)})
+    if shapes != description["param_shapes"]:
+        diffs = checkpoint_lib.describe_differences(
+            {"param_shapes": shapes}, {"param_shapes": description["param_shapes"]}
+        )
+        raise checkpoint_lib.IncompatibleCheckpointError(
+            f"train.init_from={source!r} holds a different model (step {trained.step}); "
+            "differences:\n  " + "\n  ".join(diffs)
+        )
+    return trained.model
+
+
+def _recognizer(recognizer, graphdef, state, config, feature_cfg, quant_rules=None):
+    model = state_lib.merge_model(graphdef, state, quant_rules)
     if recognizer is None:
         return evaluate_lib.Recognizer(
             model,

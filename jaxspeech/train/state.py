@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 
 from jaxspeech.models import TransducerConfig, TransformerTransducer
+from jaxspeech.train import quantize
 from jaxspeech.train import sharding as sharding_lib
 
 
@@ -64,10 +65,11 @@ def learning_rate_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
     raise ValueError(f"optim.schedule must be 'cosine', 'rsqrt' or 'constant', got {kind!r}")
 
 
-def make_optimizer(optim_cfg, num_steps: int):
-    """Global-norm clipping then AdamW; weight decay only on matrices (not biases, norms)."""
+def make_optimizer(optim_cfg, num_steps: int, quant_rules=None):
+    """Global-norm clipping then AdamW; weight decay only on matrices (not biases, norms; under
+    QAT not on squashed thetas or amplitudes, see `quantize.decay_mask`)."""
     schedule = learning_rate_schedule(optim_cfg, num_steps)
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    decay_mask = lambda params: quantize.decay_mask(params, quant_rules)
     tx = optax.chain(
         optax.clip_by_global_norm(float(optim_cfg.grad_clip_norm)),
         optax.adamw(
@@ -95,17 +97,22 @@ def abstract_model(cfg: TransducerConfig, seed: int = 0) -> TransformerTransduce
         return nnx.eval_shape(lambda: _build(cfg, seed))
 
 
-def _init_fn(cfg: TransducerConfig, tx: optax.GradientTransformation, seed: int):
+def _state(params, rest, tx, quant_rules):
+    trainable = quantize.to_trainable(params, quant_rules)
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": trainable,
+        "rest": rest,
+        "opt_state": tx.init(trainable),
+    }
+
+
+def _init_fn(cfg: TransducerConfig, tx: optax.GradientTransformation, seed: int, quant_rules):
     def init(mean, std):
         with nnx.use_eager_sharding(False):
             model = _build(cfg, seed, mean, std)
         _, params, rest = nnx.split(model, nnx.Param, ...)
-        return {
-            "step": jnp.zeros((), jnp.int32),
-            "params": params,
-            "rest": rest,
-            "opt_state": tx.init(params),
-        }
+        return _state(params, rest, tx, quant_rules)
 
     return init
 
@@ -117,10 +124,11 @@ def abstract_train_state(
     rules,
     *,
     seed: int = 0,
+    quant_rules=None,
 ):
     """(graphdef, abstract state of ShapeDtypeStructs carrying their shardings, shardings)."""
     f32 = jax.ShapeDtypeStruct((cfg.num_mels,), jnp.float32)
-    abstract = jax.eval_shape(_init_fn(cfg, tx, seed), f32, f32)
+    abstract = jax.eval_shape(_init_fn(cfg, tx, seed, quant_rules), f32, f32)
     shardings = sharding_lib.tree_shardings(abstract, mesh, rules)
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
@@ -137,23 +145,39 @@ def create_train_state(
     seed: int = 0,
     feature_mean=None,
     feature_std=None,
+    quant_rules=None,
+    init_model: TransformerTransducer | None = None,
 ):
-    """Returns (graphdef, state, state_shardings) with `state` materialized sharded on `mesh`."""
-    mean = np.zeros(cfg.num_mels, np.float32) if feature_mean is None else feature_mean
-    std = np.ones(cfg.num_mels, np.float32) if feature_std is None else feature_std
-    graphdef, _, shardings = abstract_train_state(cfg, tx, mesh, rules, seed=seed)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    init = jax.jit(
-        _init_fn(cfg, tx, seed), in_shardings=(replicated, replicated), out_shardings=shardings
+    """Returns (graphdef, state, state_shardings) with `state` materialized sharded on `mesh`.
+
+    `init_model` (a trained model of the same configuration) warm-starts the state: its
+    parameters (theta = f^-1(w / a) under QAT) and its feature normalization; step 0, fresh
+    optimizer state."""
+    graphdef, _, shardings = abstract_train_state(
+        cfg, tx, mesh, rules, seed=seed, quant_rules=quant_rules
     )
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     with jax.set_mesh(mesh):
+        if init_model is not None:
+            _, params, rest = nnx.split(init_model, nnx.Param, ...)
+            warm = jax.jit(lambda p, r: _state(p, r, tx, quant_rules), out_shardings=shardings)
+            return graphdef, warm(params, rest), shardings
+        mean = np.zeros(cfg.num_mels, np.float32) if feature_mean is None else feature_mean
+        std = np.ones(cfg.num_mels, np.float32) if feature_std is None else feature_std
+        init = jax.jit(
+            _init_fn(cfg, tx, seed, quant_rules),
+            in_shardings=(replicated, replicated),
+            out_shardings=shardings,
+        )
         state = init(jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32))
     return graphdef, state, shardings
 
 
-def merge_model(graphdef, state) -> TransformerTransducer:
-    """The nnx model held by a train state (host-side use: evaluation, export)."""
-    return nnx.merge(graphdef, state["params"], state["rest"])
+def merge_model(graphdef, state, quant_rules=None) -> TransformerTransducer:
+    """The nnx model held by a train state (host-side use: evaluation, export); under QAT with
+    the parameters it runs with at the state's step (fake-quantized)."""
+    params = quantize.effective_params(state["params"], quant_rules, state["step"])
+    return nnx.merge(graphdef, params, state["rest"])
 
 
 def param_shapes(state) -> dict[str, list[int]]:

@@ -6,6 +6,11 @@ the utterance's lattice) is averaged over the *valid* utterances of the global b
 have audio_lengths == 0). `loss_per_token` (the same total divided by the number of label tokens)
 is reported as a metric.
 
+Quantization-aware training (`quant_rules`, see `jaxspeech.train.quantize`): the state's `params`
+is the trainable QAT tree, the model runs with its fake-quantized effective parameters, and the
+optimized loss adds the squashed-weight regularizer (`quant_weight`; reported as
+`quant_regularizer`, while `loss` stays the task loss).
+
 Non-finite loss or gradients: the update is not applied (the state passes through unchanged) and
 `finite` is 0 in the metrics; the host loop then fails fast naming the step (`nonfinite='fail'`).
 A skip-and-count policy only needs a different host reaction.
@@ -19,6 +24,7 @@ import optax
 from flax import nnx
 
 from jaxspeech import features
+from jaxspeech.train import quantize
 
 BATCH_KEYS = ("audio", "audio_lengths", "labels", "label_lengths")
 
@@ -56,6 +62,8 @@ def make_train_step(
     seed: int = 0,
     state_shardings=None,
     batch_sharding=None,
+    quant_rules=None,
+    quant_weight: float = 0.0,
 ):
     """Returns `train_step(state, batch) -> (state, metrics)`, jitted with donation of `state`."""
     spec_augment_cfg = None if spec_augment_cfg is None else dict(spec_augment_cfg)
@@ -66,21 +74,23 @@ def make_train_step(
         key = jax.random.fold_in(base_key, step)
         feats, feat_lengths = _features(batch, feature_cfg, spec_augment_cfg, key)
 
-        model = nnx.merge(graphdef, state["params"], state["rest"])
-        model.train()
-
-        def loss_fn(model):
+        def loss_fn(trainable):
+            params = quantize.effective_params(trainable, quant_rules, step)
+            model = nnx.merge(graphdef, params, state["rest"])
+            model.train()
             total, count, tokens = _loss_sums(model, batch, feats, feat_lengths)
-            return total / jnp.maximum(count, 1.0), (total, count, tokens)
+            loss = total / jnp.maximum(count, 1.0)
+            reg = quantize.regularizer(trainable, quant_rules, quant_weight)
+            # The updated non-parameter state (dropout RNG counters) leaves through the aux.
+            _, _, rest = nnx.split(model, nnx.Param, ...)
+            return loss + reg, (loss, reg, total, count, tokens, rest)
 
-        # nnx.value_and_grad (not jax's) so that stateful parts (dropout RNG counters) may update.
-        grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
-        (loss, (total, count, tokens)), grads = grad_fn(model)
-        _, _, rest = nnx.split(model, nnx.Param, ...)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (objective, (loss, reg, total, count, tokens, rest)), grads = grad_fn(state["params"])
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
         # Keep the old parameters and optimizer state on a non-finite step (the step counter and
         # the RNG streams still advance).
         updated = jax.tree.map(
@@ -97,6 +107,8 @@ def make_train_step(
             "num_utterances": count,
             "finite": finite.astype(jnp.float32),
         }
+        if quant_rules is not None:
+            metrics["quant_regularizer"] = reg
         return new, metrics
 
     kwargs = {}
@@ -108,12 +120,15 @@ def make_train_step(
     return jax.jit(train_step, donate_argnums=(0,), **kwargs)
 
 
-def make_eval_step(graphdef, *, feature_cfg, state_shardings=None, batch_sharding=None):
+def make_eval_step(
+    graphdef, *, feature_cfg, state_shardings=None, batch_sharding=None, quant_rules=None
+):
     """Returns `eval_step(state, batch) -> {'loss_sum', 'num_utterances', 'num_tokens'}`."""
 
     def eval_step(state, batch):
         feats, feat_lengths = _features(batch, feature_cfg, None, None)
-        model = nnx.merge(graphdef, state["params"], state["rest"])
+        params = quantize.effective_params(state["params"], quant_rules, state["step"])
+        model = nnx.merge(graphdef, params, state["rest"])
         model.eval()
         total, count, tokens = _loss_sums(model, batch, feats, feat_lengths)
         return {"loss_sum": total, "num_utterances": count, "num_tokens": tokens}

@@ -1,0 +1,75 @@
+r"""Squashed-weight low-bit QAT of the spoken-commands Transformer transducer (issue 6).
+
+Fine-tunes the main job's trained float model (`runs/commands_tt`, from
+`experiments/commands_tt.py`) with quantization-aware training for a fixed number of steps. The
+argument picks the cell: a method (`float`, `identity` = plain QAT, `tanh`, `cdf`) and a bit width
+(2, 3, 4, 8), comma-separated; `float` is the baseline, the same fine-tuning without quantization.
+
+  python scripts/train.py --config experiments/commands_squashed.py:tanh,2 \
+      --workdir runs/squashed/tanh_2
+  python scripts/export_quantized.py --workdir runs/squashed/tanh_2   # packed artifact + sizes
+
+The whole sweep (every method x bit width, the table, histograms and uniformity figure):
+
+  python scripts/sweep_squashed.py --base runs/commands_tt --out runs/squashed
+
+`tiny` (e.g. `:tiny,tanh,2`) trains the tiny model from scratch for a few steps (tests, demos).
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+from jaxspeech.train import quantize
+
+METHODS = ("float", "identity", "tanh", "cdf")
+BITS = (2, 3, 4, 8)
+# Fine-tuning recipe (measured in experiments/RESULTS.md): QAT from the float model's weights.
+STEPS, LR, WARMUP, REG = 600, 5e-4, 50, 0.1
+BASE_WORKDIR = "runs/commands_tt"
+
+
+def _commands_tt(arg):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "commands_tt.py")
+    spec = importlib.util.spec_from_file_location("commands_tt", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def parse(arg: str | None) -> tuple[bool, str, int]:
+    """'tiny,tanh,2' -> (tiny, method, bits); defaults: not tiny, tanh, 2 bits."""
+    tokens = [t for t in (arg or "").split(",") if t]
+    tiny = "tiny" in tokens
+    rest = [t for t in tokens if t != "tiny"]
+    method = next((t for t in rest if t in METHODS), "tanh")
+    bits = [int(t) for t in rest if t.isdigit()]
+    unknown = [t for t in rest if t not in METHODS and not t.isdigit()]
+    if unknown or len(bits) > 1 or (bits and bits[0] not in range(1, 9)):
+        raise ValueError(
+            f"unknown variant {arg!r}; use '[tiny,]METHOD[,BITS]' with METHOD in {METHODS} "
+            "and BITS in 1..8, e.g. commands_squashed.py:tanh,2"
+        )
+    return tiny, method, bits[0] if bits else 2
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    tiny, method, bits = parse(arg)
+    c = _commands_tt("tiny" if tiny else None)
+    c.quant = quantize.default_config(
+        enabled=method != "float",
+        bits=bits,
+        squash="identity" if method in ("float", "identity") else method,
+        regularizer_weight=REG,
+    )
+    if tiny:  # from scratch, a handful of steps
+        c.quant.warmup_steps = 2
+        return c
+    c.train.init_from = BASE_WORKDIR
+    c.train.num_steps = STEPS
+    c.train.eval_every = STEPS
+    c.train.checkpoint_every = STEPS
+    c.optim.learning_rate = LR
+    c.optim.warmup_steps = WARMUP
+    return c
