@@ -4,6 +4,7 @@ Fine-tunes the main job's trained float model (`runs/commands_tt`, from
 `experiments/commands_tt.py`) with quantization-aware training for a fixed number of steps. The
 argument picks the cell: a method (`float`, `identity` = plain QAT, `tanh`, `cdf`) and a bit width
 (2, 3, 4, 8), comma-separated; `float` is the baseline, the same fine-tuning without quantization.
+`a8` adds 8-bit activations (the input of every weight matmul, per token), e.g. `:tanh,2,a8`.
 
   python scripts/train.py --config experiments/commands_squashed.py:tanh,2 \
       --workdir runs/squashed/tanh_2
@@ -38,25 +39,28 @@ def _commands_tt(arg):
     return module.get_config(arg)
 
 
-def parse(arg: str | None) -> tuple[bool, str, int]:
-    """'tiny,tanh,2' -> (tiny, method, bits); defaults: not tiny, tanh, 2 bits."""
+def parse(arg: str | None) -> tuple[bool, str, int, int]:
+    """'tiny,tanh,2,a8' -> (tiny, method, bits, activation bits); defaults: not tiny, tanh, 2
+    bits, float activations."""
     tokens = [t for t in (arg or "").split(",") if t]
     tiny = "tiny" in tokens
-    rest = [t for t in tokens if t != "tiny"]
+    act_bits = 8 if "a8" in tokens else 0
+    rest = [t for t in tokens if t not in ("tiny", "a8")]
     method = next((t for t in rest if t in METHODS), "tanh")
     bits = [int(t) for t in rest if t.isdigit()]
     unknown = [t for t in rest if t not in METHODS and not t.isdigit()]
     if unknown or len(bits) > 1 or (bits and bits[0] not in range(1, 9)):
         raise ValueError(
-            f"unknown variant {arg!r}; use '[tiny,]METHOD[,BITS]' with METHOD in {METHODS} "
+            f"unknown variant {arg!r}; use '[tiny,]METHOD[,BITS][,a8]' with METHOD in {METHODS} "
             "and BITS in 1..8, e.g. commands_squashed.py:tanh,2"
         )
-    return tiny, method, bits[0] if bits else 2
+    return tiny, method, bits[0] if bits else 2, act_bits
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    tiny, method, bits = parse(arg)
+    tiny, method, bits, act_bits = parse(arg)
     c = _commands_tt("tiny" if tiny else None)
+    c.model.activation_bits = act_bits
     c.quant = quantize.default_config(
         enabled=method != "float",
         bits=bits,

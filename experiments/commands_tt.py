@@ -52,6 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             predictor_layers=1,
             stateless_context=2,
             ctc_weight=0.0 if tiny else CTC,
+            activation_bits=0,  # 8: 8-bit activations (QAT, see jaxspeech.models.config)
             joint_dim=32 if tiny else D_MODEL,
             dtype="float32",
             param_dtype="float32",

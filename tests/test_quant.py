@@ -367,3 +367,39 @@ def test_rules_from_config_per_layer_type():
     assert set(quantize.as_qat_params(trainable).amplitudes) == set(sel)
     with pytest.raises(ValueError, match="convolutions"):  # a typo'd layer type is an error
         quantize.rules_from_config(quantize.default_config(True, layer_bits={"convolutions": 4}))
+
+
+def test_activation_fake_quant_per_token():
+    from jaxspeech.quant.fake_quant import fake_quant_activations
+
+    x = jax.random.normal(jax.random.key(0), (2, 5, 64)) * jnp.arange(1, 6)[None, :, None]
+    q = fake_quant_activations(x, 4)
+    for row in np.asarray(q).reshape(-1, 64):  # <= 16 levels per token, each its own scale
+        assert np.unique(row).size <= 16
+    err = jnp.abs(q - x) / jnp.max(jnp.abs(x), -1, keepdims=True)
+    assert float(jnp.max(err)) <= 2.0**-4 * (1 + 1e-5)  # half a step of 2 max / 16
+    y = x.at[1].set(100.0 * x[1])  # another batch row changes nothing here
+    np.testing.assert_array_equal(fake_quant_activations(y, 4)[0], q[0])
+    g = jax.grad(lambda v: jnp.sum(fake_quant_activations(v, 8) * 3.0))(x)
+    np.testing.assert_array_equal(g, jnp.full_like(x, 3.0))  # straight-through
+
+
+def test_model_with_8bit_activations():
+    from jaxspeech.models import TransducerConfig, TransformerTransducer
+
+    feats = jax.random.normal(jax.random.key(1), (2, 24, 16))
+    batch = (feats, jnp.array([24, 17]), jnp.array([[1, 2, 3], [4, 5, 0]]), jnp.array([3, 2]))
+    losses = []
+    for bits in (0, 8):
+        cfg = TransducerConfig(
+            num_mels=16, vocab_size=11, d_model=32, num_heads=2, mlp_dim=64, num_layers=1,
+            subsampling_channels=4, predictor_dim=8, joint_dim=8, activation_bits=bits,
+        )  # fmt: skip
+        model = TransformerTransducer(cfg, rngs=nnx.Rngs(0))
+        assert model.encoder.blocks[0].attn.query.act_bits == bits
+        assert model.subsampling.convs[0].act_bits == bits
+        losses.append(np.asarray(model.loss(*batch)))
+    assert not np.array_equal(losses[0], losses[1])  # quantization happened
+    np.testing.assert_allclose(losses[1], losses[0], rtol=2e-2)  # and 8 bits cost little
+    with pytest.raises(ValueError, match="activation_bits"):
+        TransducerConfig(vocab_size=11, activation_bits=9)

@@ -205,3 +205,46 @@ def test_float_config_refuses_a_qat_checkpoint_and_ptq_export(trained, squashed)
         str(float_dir), str(float_dir / "ptq8.jxq"), bits=8
     )
     assert summary["components"]["encoder"]["ratio"] > 2.5
+
+
+def test_error_analysis_script(trained, capsys):
+    workdir, _ = trained
+    script("error_analysis").main(["--workdir", str(workdir), "--max_utterances", "20"])
+    assert "variant:" in capsys.readouterr().out
+    with open(workdir / "error_analysis_test.json") as f:
+        tables = json.load(f)["tables"]
+    assert {"accent", "variant", "noise", "snr", "template"} <= set(tables)
+    assert sum(row["num_utterances"] for row in tables["variant"].values()) == 20
+    with open(workdir / "errors_test.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == 20 and {"id", "ref", "hyp", "voice", "snr"} <= set(rows[0])
+
+
+def test_name_word_errors():
+    analysis = script("error_analysis")
+    # "jon" substitutes "john", "smith" is deleted, "call" is right; one inserted word is ignored
+    assert analysis.name_word_errors("call john smith", "call jon uh", "john smith") == (2, 2, 0, 1)
+    assert analysis.snr_band(float("inf")) == "clean" and analysis.snr_band(9.9) == "< 10 dB"
+
+
+def test_sweep_squashed_tables_and_figures(trained, squashed, tmp_path, capsys):
+    import shutil
+
+    float_dir, tfds_dir = trained
+    out = tmp_path / "sweep"
+    # Both cells are already trained (the fixtures): the sweep only exports, runs post-training
+    # quantization of the float model, measures and plots.
+    shutil.copytree(float_dir, out / "float")
+    shutil.copytree(squashed[0], out / "tanh_2")
+    args = ["--tiny", "--base", str(float_dir), "--out", str(out), "--methods", "float,tanh"]
+    script("sweep_squashed").main([*args, "--bits", "2", "--tfds_data_dir", str(tfds_dir)])
+    assert "squashed tanh" in capsys.readouterr().out
+    with open(out / "results.json") as f:
+        rows = {r["method"]: r for r in json.load(f)}
+    assert set(rows) == {"float", "ptq", "tanh"} and rows["tanh"]["bits"] == 2
+    assert 0 < rows["ptq"]["uniformity"] <= 1 and 0 < rows["tanh"]["uniformity"] <= 1
+    assert rows["tanh"]["artifact_nbytes"] == os.path.getsize(out / "tanh_2" / "model.jxq")
+    for png in ("histograms_2bit.png", "uniformity.png"):
+        with open(out / png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "| squashed tanh | 2 |" in (out / "results.md").read_text()

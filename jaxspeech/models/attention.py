@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxspeech.models.config import TransducerConfig, dense_init, zeros_init
+from jaxspeech.models.config import Einsum, TransducerConfig, dense_init, zeros_init
 
 
 def chunk_mask(
@@ -82,10 +82,11 @@ class MultiHeadSelfAttention(nnx.Module):
         self.dtype = cfg.compute_dtype
 
         def proj(einsum: str, shape, axes, bias_shape, bias_axes):
-            return nnx.Einsum(
+            return Einsum(
                 einsum,
                 shape,
                 bias_shape,
+                act_bits=cfg.activation_bits,
                 dtype=cfg.compute_dtype,
                 param_dtype=cfg.params_dtype,
                 kernel_init=dense_init(axes),

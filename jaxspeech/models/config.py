@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxspeech.quant.fake_quant import fake_quant_activations
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TransducerConfig:
@@ -50,6 +52,11 @@ class TransducerConfig:
     # Weight of an auxiliary CTC loss on the encoder output (a linear head to the vocabulary,
     # used in training only); 0 = none (no head is created).
     ctc_weight: float = 0.0
+    # Fake-quantize the input of every weight matmul (dense, attention projections, convolutions)
+    # to this many bits, per token (symmetric, dynamic max-abs scale over the feature axis;
+    # straight-through gradients): the activation half of quantization-aware training (see
+    # `jaxspeech.quant.fake_quant.fake_quant_activations`). 0 = float activations.
+    activation_bits: int = 0
 
     def __post_init__(self):
         f = self.subsampling_factor
@@ -63,6 +70,10 @@ class TransducerConfig:
             raise ValueError("need chunk_size >= 1, left_chunks >= -1, lookahead_chunks >= 0")
         if self.ctc_weight < 0:
             raise ValueError(f"ctc_weight must be >= 0, got {self.ctc_weight}")
+        if not 0 <= self.activation_bits <= 8:
+            raise ValueError(
+                f"activation_bits must be 0 (float) or 1..8, got {self.activation_bits}"
+            )
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -118,6 +129,29 @@ def layer_norm(dim: int, cfg: TransducerConfig, *, rngs: nnx.Rngs) -> nnx.LayerN
     )
 
 
+def input_quantized(cls):
+    """A subclass of the flax layer `cls` whose call fake-quantizes its input to `act_bits` bits
+    (0: unchanged). Parameters and their paths are those of `cls`."""
+
+    class InputQuantized(cls):
+        def __init__(self, *args, act_bits: int = 0, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.act_bits = int(act_bits)
+
+        def __call__(self, x, *args, **kwargs):
+            if self.act_bits:
+                x = fake_quant_activations(x, self.act_bits)
+            return super().__call__(x, *args, **kwargs)
+
+    InputQuantized.__name__ = InputQuantized.__qualname__ = f"InputQuantized{cls.__name__}"
+    return InputQuantized
+
+
+Linear = input_quantized(nnx.Linear)
+Einsum = input_quantized(nnx.Einsum)
+Conv = input_quantized(nnx.Conv)
+
+
 def dense(
     d_in: int,
     d_out: int,
@@ -128,8 +162,9 @@ def dense(
     use_bias: bool = True,
     bias_init: nnx.Initializer = _ZEROS,
 ) -> nnx.Linear:
-    """`nnx.Linear` in the config's dtypes; logical axes `(in, out)` on kernel, `(out,)` on bias."""
-    return nnx.Linear(
+    """`nnx.Linear` in the config's dtypes; logical axes `(in, out)` on kernel, `(out,)` on bias;
+    its input fake-quantized to `cfg.activation_bits` when set."""
+    return Linear(
         d_in,
         d_out,
         use_bias=use_bias,
@@ -137,5 +172,6 @@ def dense(
         param_dtype=cfg.params_dtype,
         kernel_init=dense_init(axes),
         bias_init=partitioned(bias_init, (axes[1],)),
+        act_bits=cfg.activation_bits,
         rngs=rngs,
     )

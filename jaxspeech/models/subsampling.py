@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxspeech.models.config import TransducerConfig, dense, dense_init, zeros_init
+from jaxspeech.models.config import Conv, TransducerConfig, dense, dense_init, zeros_init
 
 SubsamplingState = tuple[jax.Array, ...]  # per conv layer: last input frame [B, 1, F_l, C_l]
 
@@ -43,9 +43,10 @@ class ConvSubsampling(nnx.Module):
         self.channels = channels
         self.convs = nnx.List(
             [
-                nnx.Conv(
+                Conv(
                     channels[i],
                     channels[i + 1],
+                    act_bits=cfg.activation_bits,
                     kernel_size=(3, 3),
                     strides=(2, 2),
                     padding=((0, 0), (1, 1)),  # time padding is done by hand (causal / streamed)

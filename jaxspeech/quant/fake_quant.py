@@ -126,3 +126,13 @@ def fake_quant(
         scale = channel_max_abs(w, channel_axes)
     scale = jax.lax.stop_gradient(jnp.maximum(jnp.asarray(scale, jnp.float32), MIN_SCALE))
     return _STE[bits](w, scale)
+
+
+def fake_quant_activations(x: jax.Array, bits: int) -> jax.Array:
+    """Per-token fake quantization of activations: one symmetric max-abs scale per position over
+    the last (feature) axis, computed on the fly, ``2**bits`` mid-rise levels, straight-through
+    gradients. What an integer kernel with per-row input scales computes; the scale needs no
+    calibration and no state, and it does not mix positions (or batch rows)."""
+    if x.ndim == 0:
+        raise ValueError("fake_quant_activations needs an array with a feature axis")
+    return fake_quant(x, bits, channel_axes=tuple(range(x.ndim - 1)))

@@ -69,10 +69,22 @@ def model_description(cfg, param_shapes: dict, quant: dict | None = None) -> dic
     return {"config": dataclasses.asdict(cfg), "param_shapes": param_shapes, "quant": quant or {}}
 
 
+def _config_defaults() -> dict:
+    from jaxspeech.models import TransducerConfig
+
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(TransducerConfig)
+        if f.default is not dataclasses.MISSING
+    }
+
+
 def describe_differences(saved: dict, current: dict) -> list[str]:
     """Human-readable differences between two `model_description`s."""
     diffs = []
     sc, cc = saved.get("config", {}), current.get("config", {})
+    # A field added to TransducerConfig after the checkpoint was written: the model had its default.
+    sc = {**{k: v for k, v in _config_defaults().items() if k in cc}, **sc} if sc else sc
     for k in sorted(set(sc) | set(cc)):
         if sc.get(k) != cc.get(k):
             diffs.append(f"model.{k}: checkpoint {sc.get(k)!r} vs config {cc.get(k)!r}")

@@ -122,13 +122,15 @@ def evaluate(
     *,
     max_utterances: int = -1,
     sample_rate: int = 16000,
+    keep_utterances: bool = False,
 ) -> dict:
     """Decodes every batch (dicts with audio, audio_lengths, text) and scores the WER.
 
     Returns the `wer_stats` fields plus `rtf` (decode seconds / audio seconds, after a warm-up
-    batch per shape is excluded from timing), `audio_seconds`, `decode_seconds` and a few examples.
+    batch per shape is excluded from timing), `audio_seconds`, `decode_seconds` and a few examples;
+    with `keep_utterances`, also `utterances`: every `{"id", "ref", "hyp"}` in order.
     """
-    refs, hyps, seen_shapes = [], [], set()
+    refs, hyps, ids, seen_shapes = [], [], [], set()
     decode_s = audio_s = 0.0
     for batch in batches:
         audio, lengths = np.asarray(batch["audio"]), np.asarray(batch["audio_lengths"])
@@ -137,16 +139,17 @@ def evaluate(
             seen_shapes.add(audio.shape)
             recognizer(audio, lengths)
         start = time.perf_counter()
-        ids = recognizer(audio, lengths)
+        out = recognizer(audio, lengths)
         decode_s += time.perf_counter() - start
         audio_s += float(lengths[valid].sum()) / sample_rate
         for k in np.flatnonzero(valid):
             refs.append(str(batch["text"][k]))
-            hyps.append(tokenizer.decode(ids[k]))
+            hyps.append(tokenizer.decode(out[k]))
+            ids.append(str(batch["id"][k]) if "id" in batch else str(len(ids)))
         if 0 <= max_utterances <= len(refs):
             break
     if max_utterances >= 0:
-        refs, hyps = refs[:max_utterances], hyps[:max_utterances]
+        refs, hyps, ids = refs[:max_utterances], hyps[:max_utterances], ids[:max_utterances]
     report = wer_stats(refs, hyps)
     report.update(
         rtf=decode_s / max(audio_s, 1e-9),
@@ -154,6 +157,10 @@ def evaluate(
         decode_seconds=decode_s,
         examples=[{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps, strict=False))[:5]],
     )
+    if keep_utterances:
+        report["utterances"] = [
+            {"id": i, "ref": r, "hyp": h} for i, r, h in zip(ids, refs, hyps, strict=True)
+        ]
     return report
 
 
