@@ -55,7 +55,8 @@ def exporter():
 
 
 def cell_config(method: str, bits: int, args):
-    config = experiment().get_config(",".join(["tiny"] * args.tiny + [method, str(bits)]))
+    cell = [method] if method == "float" else [method, str(bits)]
+    config = experiment().get_config(",".join(["tiny"] * args.tiny + cell))
     config.train.init_from = args.base
     if args.steps:
         config.train.num_steps = args.steps
