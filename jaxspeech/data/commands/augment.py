@@ -25,21 +25,21 @@ class Difficulty:
     """Knobs of the corpus' difficulty (ranges are uniform [low, high])."""
 
     # espeak speaking rate in words per minute (espeak's normal is 175).
-    rate_wpm: tuple[int, int] = (135, 225)
+    rate_wpm: tuple[int, int] = (145, 205)
     # espeak base pitch 0-100 (50 = the voice's normal): per-utterance pitch variation.
-    pitch: tuple[int, int] = (20, 80)
+    pitch: tuple[int, int] = (30, 70)
     # espeak pitch range 0-100 (0 = monotone, 50 = normal intonation).
-    pitch_range: tuple[int, int] = (20, 90)
+    pitch_range: tuple[int, int] = (30, 80)
     # Speed perturbation factor (tempo and pitch together, by resampling); >1 is faster.
-    speed: tuple[float, float] = (0.9, 1.1)
+    speed: tuple[float, float] = (0.95, 1.05)
     # Silence added before and after the speech, seconds.
     pad_s: tuple[float, float] = (0.05, 0.3)
     # RMS level of the clean speech in dBFS.
     level_dbfs: tuple[float, float] = (-32.0, -18.0)
     # Share of utterances left clean (their `snr` is +inf).
-    clean_fraction: float = 0.2
+    clean_fraction: float = 0.3
     # SNR range in dB for the noisy ones.
-    snr_db: tuple[float, float] = (5.0, 30.0)
+    snr_db: tuple[float, float] = (10.0, 35.0)
     # Probabilities of each noise kind (white, pink, babble) for the noisy ones.
     noise_mix: tuple[float, float, float] = (0.25, 0.35, 0.4)
     # Babble: number of overlapping talkers drawn from the babble pool.

@@ -182,8 +182,12 @@ def to_record(example: dict) -> dict:
 class SpokenCommands(tfds.core.GeneratorBasedBuilder):
     """Synthesized voice-assistant commands (espeak-ng, many voices, noise at a range of SNRs)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "Calibrated difficulty: narrower rate/pitch/speed, SNR 10-35 dB, 30% clean, "
+        "fewer held-out and generated names, fewer call/message/play-song requests.",
+    }
     BUILDER_CONFIGS = list(CONFIGS)
     DEFAULT_CONFIG_NAME = "default"
 

@@ -22,7 +22,7 @@ import numpy as np
 
 ALPHABET = frozenset("abcdefghijklmnopqrstuvwxyz' ")
 SPLITS = ("train", "validation", "test")
-NOVEL_NAME_FRACTION = 0.5  # of names in validation/test built from held-out name words
+NOVEL_NAME_FRACTION = 0.2  # of names in validation/test built from held-out name words
 
 _ONES = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
@@ -154,10 +154,10 @@ def _syllable_word(rng: np.random.Generator, heldout: bool) -> str:
 def person_name(rng: np.random.Generator, heldout: bool) -> str:
     """A first + last name whose words are all in the training or all in the held-out partition."""
     kind = rng.random()
-    if kind < 0.6:  # list-based first and last
+    if kind < 0.75:  # list-based first and last
         first = str(rng.choice(_HELD_FIRST if heldout else _TRAIN_FIRST))
         last = str(rng.choice(_HELD_LAST if heldout else _TRAIN_LAST))
-    elif kind < 0.85:  # list first name, generated surname
+    elif kind < 0.92:  # list first name, generated surname
         first = str(rng.choice(_HELD_FIRST if heldout else _TRAIN_FIRST))
         last = _syllable_word(rng, heldout)
     else:  # fully generated
@@ -200,7 +200,7 @@ def _slots(rng: np.random.Generator, split: str) -> dict[str, str]:
     ][int(rng.integers(4))]
     artist = (
         person_name(rng, novel)
-        if rng.random() < 0.5
+        if rng.random() < 0.3
         else f"the {_pick(rng, ADJECTIVES)} {_pick(rng, NOUNS)}s"
     )
     return {
@@ -234,7 +234,7 @@ TEMPLATES: tuple[tuple[str, str, float], ...] = (
     ("dim", "dim the {room} lights to {percent} percent", 1.0),
     ("thermostat", "set the thermostat to {degrees} degrees", 1.0),
     ("volume", "set the volume to {volume}", 0.8),
-    ("play_song", "play {song} by {artist}", 2.5),
+    ("play_song", "play {song} by {artist}", 1.5),
     ("play_artist", "play some music by {artist}", 1.0),
     ("play_genre", "play some {genre} music in the {room}", 1.0),
     ("weather", "what's the weather in {city} {day}", 2.0),
@@ -246,11 +246,11 @@ TEMPLATES: tuple[tuple[str, str, float], ...] = (
     ("alarm_set", "set an alarm for {time} {day}", 1.2),
     ("remind", "remind me to {task} at {time}", 1.5),
     ("shopping", "add {item} to my shopping list", 1.0),
-    ("call", "call {name}", 3.0),
-    ("call_speaker", "call {name} on speaker", 0.8),
-    ("message", "message {name}", 1.0),
-    ("message_late", "text {name} that i'm running {late} minutes late", 1.5),
-    ("message_home", "send a message to {name} saying i'll be home at {time}", 1.0),
+    ("call", "call {name}", 1.5),
+    ("call_speaker", "call {name} on speaker", 0.5),
+    ("message", "message {name}", 0.6),
+    ("message_late", "text {name} that i'm running {late} minutes late", 1.0),
+    ("message_home", "send a message to {name} saying i'll be home at {time}", 0.8),
     ("count", "add {count} {things} to my shopping list", 0.6),
 )
 _WEIGHTS = np.array([w for _, _, w in TEMPLATES]) / sum(w for _, _, w in TEMPLATES)
