@@ -110,6 +110,7 @@ def main(argv=None):
     p.add_argument("--workdir", required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--max_utterances", type=int, default=-1)
+    p.add_argument("--decoder", choices=("greedy", "beam"), default=None, help="default: config's")
     args = p.parse_args(argv)
     logging.set_verbosity(logging.WARNING)
 
@@ -117,6 +118,8 @@ def main(argv=None):
     config = trained.config
     recognizer = evaluate.Recognizer(
         trained.model,
+        decoder=args.decoder or config.eval.decoder,
+        beam_size=config.eval.beam_size,
         max_symbols_per_frame=config.eval.max_symbols_per_frame,
         max_output_len=config.eval.max_output_len,
     )
