@@ -135,9 +135,15 @@ def run_ptq(float_row: dict, bits: int, args) -> dict:
     """Post-training quantization of the float cell at `bits` (plain max-abs, no training)."""
     workdir = float_row["workdir"]
     artifact = os.path.join(workdir, f"ptq_{bits}.jxq")
+    cached = os.path.join(workdir, f"eval_ptq_{bits}.json")
     export = exporter().export_workdir(workdir, artifact, bits=bits)
-    config = evaluate.load_config(workdir)
-    report = test_wer(workdir, config, artifact)
+    if os.path.exists(cached):  # a resumed sweep
+        with open(cached) as f:
+            report = json.load(f)
+    else:
+        report = test_wer(workdir, evaluate.load_config(workdir), artifact)
+        with open(cached, "w") as f:
+            json.dump(report, f)
     trained = evaluate.load_trained(workdir)
     uniformity, weights = kernel_stats(trained.params, None, bits)
     return {
@@ -240,10 +246,12 @@ def main(argv=None):
         rows.append(run_cell("float", 0, args))
         if not args.no_ptq:
             rows += [run_ptq(rows[0], bits, args) for bits in bits_list]
-    for method in methods:
-        if method != "float":
-            rows += [run_cell(method, bits, args) for bits in bits_list]
-        print(f"{method}: done", flush=True)
+    for bits in bits_list:  # the lowest widths first: the comparisons that matter most
+        for method in methods:
+            if method != "float":
+                rows.append(run_cell(method, bits, args))
+                print(f"{method} {bits}-bit: test WER {100 * rows[-1]['wer']:.2f}%", flush=True)
+    rows.sort(key=lambda r: (list(METHOD_NAMES).index(r["method"]), r["bits"] or 0))
 
     float_row = next((r for r in rows if r["method"] == "float"), None)
     float_wer = None if float_row is None else float_row["wer"]

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_env.sh
 python -m ruff check jaxspeech scripts experiments tests
-python -m pytest -n 2 --durations=15 "$@"
+python -m pytest -n 2 --dist loadgroup --durations=15 "$@"

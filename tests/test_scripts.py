@@ -14,7 +14,8 @@ import soundfile as sf
 from jaxspeech.data import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.slow
+# One worker builds the module fixtures (a tiny trained workdir, a QAT run) once (loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("scripts")]
 
 
 def script(name):

@@ -12,6 +12,9 @@ import pytest
 
 from jaxspeech.train import checkpoint, loop, metrics
 
+# One worker builds the module fixtures (the resumed run) once: `--dist loadgroup`.
+pytestmark = pytest.mark.xdist_group("train_loop")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
