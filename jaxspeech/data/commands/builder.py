@@ -58,7 +58,7 @@ CONFIGS = (
     ),
     SpokenCommandsConfig(
         name="default",
-        description="~10.6 h train (17000 utterances), ~1 h validation and ~1 h test.",
+        description="~10.7 h train (17000 utterances), ~1 h validation and ~1 h test.",
         num_train=17000,
         num_validation=1600,
         num_test=1600,
