@@ -116,13 +116,7 @@ def main(argv=None):
 
     trained = evaluate.load_trained(args.workdir)
     config = trained.config
-    recognizer = evaluate.Recognizer(
-        trained.model,
-        decoder=args.decoder or config.eval.decoder,
-        beam_size=config.eval.beam_size,
-        max_symbols_per_frame=config.eval.max_symbols_per_frame,
-        max_output_len=config.eval.max_output_len,
-    )
+    recognizer = evaluate.recognizer_for(trained.model, config, decoder=args.decoder)
     source = data_lib.get_source(config.data, args.split)
     pipeline = data_lib.eval_pipeline(config.data, args.split, trained.tokenizer, source=source)
     report = evaluate.evaluate(

@@ -47,12 +47,12 @@ def main(argv=None):
         trained = evaluate.load_trained(args.workdir)
     config = trained.config
     decoder = args.decoder or config.eval.decoder
-    recognizer = evaluate.Recognizer(
+    recognizer = evaluate.recognizer_for(
         trained.model,
+        config,
         decoder=decoder,
-        beam_size=args.beam_size or config.eval.beam_size,
-        max_symbols_per_frame=args.max_symbols_per_frame or config.eval.max_symbols_per_frame,
-        max_output_len=config.eval.max_output_len,
+        beam_size=args.beam_size,
+        max_symbols_per_frame=args.max_symbols_per_frame,
     )
     split = f"manifest:{args.manifest}" if args.manifest else args.split
     report = loop.evaluate_split(

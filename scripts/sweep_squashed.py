@@ -71,12 +71,7 @@ def test_wer(workdir: str, config, artifact: str | None = None) -> dict:
     trained = (
         evaluate.load_artifact(workdir, artifact) if artifact else evaluate.load_trained(workdir)
     )
-    recognizer = evaluate.Recognizer(  # decoded as the training loop decodes (config.eval)
-        trained.model,
-        decoder=config.eval.decoder,
-        beam_size=config.eval.beam_size,
-        max_symbols_per_frame=config.eval.max_symbols_per_frame,
-    )
+    recognizer = evaluate.recognizer_for(trained.model, config)  # as the training loop decodes
     return loop.evaluate_split(recognizer, config, "test", trained.tokenizer)
 
 

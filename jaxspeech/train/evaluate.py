@@ -105,6 +105,15 @@ class Recognizer:
         return [t[:n].tolist() for t, n in zip(tokens, lengths, strict=False)]
 
 
+def recognizer_for(model, config, feature_cfg=None, **overrides) -> Recognizer:
+    """A Recognizer decoding as the config's `eval` section says; keyword overrides that are not
+    None (decoder, beam_size, max_symbols_per_frame, max_output_len) take precedence."""
+    options = {k: config.eval[k] for k in ("decoder", "beam_size", "max_symbols_per_frame")}
+    options["max_output_len"] = config.eval.max_output_len
+    options.update({k: v for k, v in overrides.items() if v is not None})
+    return Recognizer(model, feature_cfg, **options)
+
+
 def pad_audio(waves: Sequence[np.ndarray], multiple: int = 16000) -> tuple[np.ndarray, np.ndarray]:
     """Pads waveforms into one [B, N] batch (N rounded up to `multiple` to limit recompiles)."""
     lengths = np.array([len(w) for w in waves], np.int32)

@@ -352,13 +352,6 @@ def _load_init_model(source: str, description: dict):
 def _recognizer(recognizer, graphdef, state, config, feature_cfg, quant_rules=None):
     model = state_lib.merge_model(graphdef, state, quant_rules)
     if recognizer is None:
-        return evaluate_lib.Recognizer(
-            model,
-            feature_cfg,
-            decoder=config.eval.decoder,
-            beam_size=config.eval.beam_size,
-            max_symbols_per_frame=config.eval.max_symbols_per_frame,
-            max_output_len=config.eval.max_output_len,
-        )
+        return evaluate_lib.recognizer_for(model, config, feature_cfg)
     recognizer.set_model(model)
     return recognizer
