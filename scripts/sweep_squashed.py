@@ -117,8 +117,8 @@ def run_cell(method: str, bits: int, args) -> dict:
         "steps": report["step"],
         "seconds": time.perf_counter() - start,
     }
-    trained = evaluate.load_trained(workdir)
     if method != "float":
+        trained = evaluate.load_trained(workdir)
         export = exporter().export_workdir(workdir)
         row.update(artifact_nbytes=export["nbytes"], encoder_ratio=_encoder_ratio(export))
         row["uniformity"], row["weights"] = kernel_stats(trained.params, trained.quant_rules, bits)
