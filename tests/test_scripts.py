@@ -18,8 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("scripts")]
 
 
-def script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+def script(name, folder="scripts"):
+    """The module `<folder>/<name>.py` of the repository (scripts and experiment configs)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, folder, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -128,12 +129,7 @@ def squashed(trained, tmp_path_factory):
     from jaxspeech.train import loop
 
     float_dir, tfds_dir = trained
-    spec = importlib.util.spec_from_file_location(
-        "commands_squashed", os.path.join(ROOT, "experiments", "commands_squashed.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny,tanh,2")
+    config = script("commands_squashed", "experiments").get_config("tiny,tanh,2")
     config.data.tfds_data_dir = str(tfds_dir)
     config.train.init_from = str(float_dir)
     config.train.num_steps = config.train.eval_every = config.train.checkpoint_every = 4
