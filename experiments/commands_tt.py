@@ -55,6 +55,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             stateless_context=2,
             ctc_weight=0.0 if tiny else CTC,
             activation_bits=0,  # 8: 8-bit activations (QAT, see jaxspeech.models.config)
+            # Arbitrators (experiments/commands_arbitrator.py; jaxspeech.models.arbitrator).
+            arbitrator="none",
+            arbitrator_dim=32,
+            gate_estimator="gumbel_st",
+            gate_init_bias=4.0,
+            compute_weight=0.0,
             joint_dim=32 if tiny else D_MODEL,
             dtype="float32",
             param_dtype="float32",
@@ -104,6 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             eps=1e-9,
             weight_decay=1e-2,
             grad_clip_norm=1.0,
+            arbitrator_lr_scale=1.0,  # learning-rate multiplier of arbitrator parameters
         )
     )
 
@@ -139,6 +146,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             seed=0,
             nonfinite="fail",  # NaN/Inf loss or gradient: 'fail' (naming step, batch) or 'skip'
             init_from="",  # a trained workdir to warm-start from (params, normalization, tokenizer)
+            gate_temperature=(1.0, 1.0),  # arbitrator gates: (start, end), exponential anneal
         )
     )
 

@@ -18,6 +18,13 @@ CONFIGS = [
     ("commands_tt.py", "tiny"),
     ("librispeech_tt.py", None),
     ("librispeech_tt.py", "/data/LibriSpeech"),
+    ("commands_arbitrator.py", None),
+    ("commands_arbitrator.py", "none"),
+    ("commands_arbitrator.py", "window,1"),
+    ("commands_arbitrator.py", "arbitrator,8,block,st"),
+    ("commands_arbitrator.py", "tiny,arbitrator,2"),
+    ("librispeech_arbitrator.py", None),
+    ("librispeech_arbitrator.py", "30,/data/LibriSpeech"),
 ]
 
 

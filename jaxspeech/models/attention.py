@@ -26,16 +26,28 @@ from flax import nnx
 from jaxspeech.models.config import Einsum, TransducerConfig, dense_init, zeros_init
 
 
-def chunk_mask(
-    num_frames: int, chunk_size: int, left_chunks: int, lookahead_chunks: int
+def chunk_context(
+    q_positions: jax.Array,
+    k_positions: jax.Array,
+    chunk_size: int,
+    left_chunks: int,
+    lookahead_chunks: int,
 ) -> jax.Array:
-    """Boolean [T, T] mask, True where query frame i may attend to key frame j."""
-    chunk = jnp.arange(num_frames) // chunk_size
-    diff = chunk[:, None] - chunk[None, :]  # c_i - c_j
+    """Boolean [..., Tq, Tk]: may a query at q_positions [..., Tq] see a key at k_positions
+    [..., Tk] (frame positions, any leading batch shape), under the chunked mask."""
+    diff = (q_positions // chunk_size)[..., :, None] - (k_positions // chunk_size)[..., None, :]
     allowed = diff >= -lookahead_chunks
     if left_chunks >= 0:
         allowed &= diff <= left_chunks
     return allowed
+
+
+def chunk_mask(
+    num_frames: int, chunk_size: int, left_chunks: int, lookahead_chunks: int
+) -> jax.Array:
+    """Boolean [T, T] mask, True where query frame i may attend to key frame j."""
+    frames = jnp.arange(num_frames)
+    return chunk_context(frames, frames, chunk_size, left_chunks, lookahead_chunks)
 
 
 def length_mask(lengths: jax.Array, num_frames: int) -> jax.Array:
@@ -44,15 +56,16 @@ def length_mask(lengths: jax.Array, num_frames: int) -> jax.Array:
 
 
 def rotary(x: jax.Array, positions: jax.Array) -> jax.Array:
-    """Rotate x [B, T, H, K] (K even) by angles positions [T] * theta_k, theta_k = 1e4^(-2k/K).
+    """Rotate x [B, T, H, K] (K even) by angles positions * theta_k, theta_k = 1e4^(-2k/K);
+    positions int [T] (shared by the batch) or [B, T].
 
     Uses the "rotate half" layout: pairs are (x[..., k], x[..., k + K/2]).
     """
     half = x.shape[-1] // 2
     inv_freq = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, K/2]
-    cos = jnp.cos(angles)[None, :, None, :]
-    sin = jnp.sin(angles)[None, :, None, :]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [(B,) T, K/2]
+    angles = jnp.broadcast_to(angles, (x.shape[0], *angles.shape[-2:]))[:, :, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
@@ -61,16 +74,18 @@ def rotary(x: jax.Array, positions: jax.Array) -> jax.Array:
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Softmax attention. q [B,Tq,H,K], k/v [B,Tk,H,K], mask broadcastable to [B,H,Tq,Tk].
 
-    Scores and softmax run in float32. Fully masked rows (only padded queries) give finite garbage.
+    Scores and softmax run in float32. A query with no visible key (every key masked, e.g. all
+    gated off) outputs zeros.
     """
     scale = q.shape[-1] ** -0.5
     scores = jnp.einsum("bqhk,bthk->bhqt", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = jax.nn.softmax(scores, axis=-1) * jnp.any(mask, axis=-1, keepdims=True)
+    probs = probs.astype(v.dtype)
     return jnp.einsum("bhqt,bthk->bqhk", probs, v)
 
 
-KVCache = tuple[jax.Array, jax.Array]  # keys (rotated), values: [B, S, H, K] each
+KVCache = tuple[jax.Array, jax.Array, jax.Array]  # keys (rotated), values [B,S,H,K]; valid [B,S]
 
 
 class MultiHeadSelfAttention(nnx.Module):
@@ -107,19 +122,21 @@ class MultiHeadSelfAttention(nnx.Module):
         self.out = proj("bthk,hkd->btd", (h, d // h, d), ("heads", "kv", "embed"), (d,), ("embed",))
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
-    def _qkv(self, x: jax.Array, positions: jax.Array):
+    def qkv(self, x: jax.Array, positions: jax.Array):
+        """Rotated queries and keys, and values [B,T,H,K]; positions [T] or [B,T]."""
         q = rotary(self.query(x), positions)
         k = rotary(self.key(x), positions)
         return q, k, self.value(x)
 
     def __call__(self, x: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
         """x [B,T,D], mask bool broadcastable to [B,1,T,T], positions int [T] -> [B,T,D]."""
-        q, k, v = self._qkv(x, positions)
+        q, k, v = self.qkv(x, positions)
         return self.dropout(self.out(attend(q, k, v, mask)))
 
     def init_cache(self, batch: int, size: int) -> KVCache:
         shape = (batch, size, self.num_heads, self.head_dim)
-        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)
+        valid = jnp.zeros((batch, size), bool)
+        return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype), valid
 
     def step(
         self,
@@ -129,18 +146,36 @@ class MultiHeadSelfAttention(nnx.Module):
         q_positions: jax.Array,
         kv_positions: jax.Array,
         mask: jax.Array,
+        kv_valid: jax.Array | None = None,
     ) -> tuple[KVCache, jax.Array]:
         """Queries of one chunk against a rolling cache of the S latest frames plus a new chunk.
 
         q_in [B,C,D] (queries, at absolute q_positions [C]); kv_in [B,C,D] (the newest chunk, at
         kv_positions [C]; the same chunk as q_in without lookahead); mask bool broadcastable to
-        [B,1,C,S+C] over the keys [cache; new chunk]. Returns the cache holding the last S frames
-        of [cache; new chunk] (keys stored rotated at their absolute positions).
+        [B,1,C,S+C] over the keys [cache; new chunk]; kv_valid [B,C] bool (default all): which
+        new frames are keys at all (a frame whose attention is gated off is not). Returns the
+        cache holding the last S frames of [cache; new chunk] (keys stored rotated at their
+        absolute positions, with their validity).
         """
         q = rotary(self.query(q_in), q_positions)
         k = rotary(self.key(kv_in), kv_positions)
+        return self.attend_cached(cache, q, k, self.value(kv_in), mask, kv_valid)
+
+    def attend_cached(
+        self,
+        cache: KVCache,
+        q: jax.Array,
+        k: jax.Array,
+        v: jax.Array,
+        mask: jax.Array,
+        kv_valid: jax.Array | None = None,
+    ) -> tuple[KVCache, jax.Array]:
+        """`step` after the projections: q [B,Q,H,K] (rotated) against [cache; k/v [B,C,H,K]]."""
+        if kv_valid is None:
+            kv_valid = jnp.ones(k.shape[:2], bool)
         keys = jnp.concatenate([cache[0], k], axis=1)
-        values = jnp.concatenate([cache[1], self.value(kv_in)], axis=1)
-        out = self.dropout(self.out(attend(q, keys, values, mask)))
-        size = cache[0].shape[1]
-        return (keys[:, keys.shape[1] - size :], values[:, values.shape[1] - size :]), out
+        values = jnp.concatenate([cache[1], v], axis=1)
+        valid = jnp.concatenate([cache[2], kv_valid], axis=1)
+        out = self.dropout(self.out(attend(q, keys, values, mask & valid[:, None, None, :])))
+        drop = keys.shape[1] - cache[0].shape[1]  # the oldest C frames leave the cache
+        return (keys[:, drop:], values[:, drop:], valid[:, drop:]), out

@@ -57,6 +57,16 @@ class TransducerConfig:
     # straight-through gradients): the activation half of quantization-aware training (see
     # `jaxspeech.quant.fake_quant.fake_quant_activations`). 0 = float activations.
     activation_bits: int = 0
+    # Arbitrators (jaxspeech.models.arbitrator): "none", "acoustic" or "acoustic+block"; their
+    # hidden width; the binary-gate estimator ("gumbel_st", "st", "gumbel_soft"); the initial
+    # bias of the gate logits (positive: components start on); and the weight of the compute loss
+    # (executed gated-encoder FLOPs as a fraction of the ungated encoder's, jaxspeech.models.flops)
+    # added to each utterance's loss in nats.
+    arbitrator: str = "none"
+    arbitrator_dim: int = 32
+    gate_estimator: str = "gumbel_st"
+    gate_init_bias: float = 4.0
+    compute_weight: float = 0.0
 
     def __post_init__(self):
         f = self.subsampling_factor
@@ -70,6 +80,18 @@ class TransducerConfig:
             raise ValueError("need chunk_size >= 1, left_chunks >= -1, lookahead_chunks >= 0")
         if self.ctc_weight < 0:
             raise ValueError(f"ctc_weight must be >= 0, got {self.ctc_weight}")
+        if self.arbitrator not in ("none", "acoustic", "acoustic+block"):
+            raise ValueError(
+                "arbitrator must be 'none', 'acoustic' or 'acoustic+block', "
+                f"got {self.arbitrator!r}"
+            )
+        if self.gate_estimator not in ("gumbel_st", "st", "gumbel_soft"):
+            raise ValueError(
+                "gate_estimator must be 'gumbel_st', 'st' or 'gumbel_soft', "
+                f"got {self.gate_estimator!r}"
+            )
+        if self.compute_weight < 0 or self.arbitrator_dim < 1:
+            raise ValueError("need compute_weight >= 0 and arbitrator_dim >= 1")
         if not 0 <= self.activation_bits <= 8:
             raise ValueError(
                 f"activation_bits must be 0 (float) or 1..8, got {self.activation_bits}"

@@ -1,8 +1,22 @@
 """Streaming Transformer encoder: pre-LN blocks with chunked self-attention and a KV-cached step.
 
 Block: `x + g_attn * MHSA(LN(x))`, then `x + g_ffn * FFN(LN(x))`, where the optional per-frame gates
-`g` ([B, T], 0 = component off, the residual carries the input) are for arbitrators; with gates None
-the block is the plain pre-LN block (no multiply is traced). A final LayerNorm follows the stack.
+`g` ([B, T], 0 = component off, the residual carries the input) come from arbitrators
+(`jaxspeech.models.arbitrator`) or the caller; with gates None the block is the plain pre-LN block
+(no multiply is traced). A final LayerNorm follows the stack.
+
+Gated attention: a frame whose attention gate is off (g <= 0.5) is neither a query nor a key/value
+in that layer: other frames attend only to the active frames of their chunked context, so an off
+frame's query, key, value and output projections are all skipped (`jaxspeech.models.flops` counts
+exactly that). An active frame always sees itself. Three executions, equal whenever they apply:
+  masked    (`__call__`, training): every frame is computed, keys masked by the hard gate and
+            outputs multiplied by the gate value (gradients reach the gates through the multiply);
+  gathered  (`forward(..., capacity=K)`, batched inference): per utterance, each component's
+            active frames are gathered (in time order) into K slots, computed, and scattered back;
+            active frames beyond K are dropped (treated as off) and counted in `GateTrace.dropped`;
+  skipping  (`step(..., skip=True)`, streaming inference, lookahead 0): per chunk, each component
+            runs through a `lax.switch` branch sized for the smallest capacity in
+            `stream_capacities` that holds the chunk's active frames (0: not executed at all).
 
 Streaming (`Encoder.step`): each layer keeps a rolling cache of the keys/values of its S most recent
 input frames, S = (left_chunks + lookahead_chunks) * chunk_size, or, for left_chunks = -1
@@ -19,19 +33,58 @@ like one with left context `max_stream_frames`).
 
 from __future__ import annotations
 
+import functools
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxspeech.models.arbitrator import Arbitrator, hard
 from jaxspeech.models.attention import (
     KVCache,
     MultiHeadSelfAttention,
-    chunk_mask,
+    attend,
+    chunk_context,
     length_mask,
 )
 from jaxspeech.models.config import TransducerConfig, dense, layer_norm
 
-LayerStreamState = tuple[KVCache, jax.Array]  # (keys/values cache, pending inputs [B, L*C, D])
+LayerStreamState = tuple[KVCache, jax.Array]  # (keys/values/valid cache, pending [B, L*C, D])
+
+
+class GateTrace(NamedTuple):
+    """The gates an encoder pass used: values [num_layers, B, T] (ones on valid frames when
+    ungated), and `dropped` [B] int32: active component-frames that did not fit the capacity of
+    gathered execution (0 otherwise)."""
+
+    attn: jax.Array
+    ffn: jax.Array
+    dropped: jax.Array
+
+
+def active_slots(on: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per row of on [B, T] (bool): the indices [B, K] of its active frames in time order, padded
+    with inactive ones, K = capacity; slots [B, K] (bool: filled by an active frame); dropped [B]
+    (active frames beyond the capacity)."""
+    idx = jnp.argsort(~on, axis=1, stable=True)[:, :capacity].astype(jnp.int32)
+    count = jnp.sum(on, axis=1, dtype=jnp.int32)
+    slots = jnp.arange(capacity)[None, :] < count[:, None]
+    return idx, slots, jnp.maximum(count - capacity, 0)
+
+
+def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x [B, T, ...] at idx [B, K] -> [B, K, ...]."""
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+def _put(like: jax.Array, idx: jax.Array, y: jax.Array, slots: jax.Array) -> jax.Array:
+    """Zeros [B, T, *y.shape[2:]] (B, T and dtype of `like`) with y [B, K, ...] written at idx
+    where slots."""
+    rows = jnp.arange(idx.shape[0])[:, None]
+    y = jnp.where(slots.reshape(slots.shape + (1,) * (y.ndim - 2)), y, jnp.zeros((), y.dtype))
+    out = jnp.zeros(like.shape[:2] + y.shape[2:], like.dtype)
+    return out.at[rows, idx].set(y.astype(like.dtype))
 
 
 class FeedForward(nnx.Module):
@@ -70,9 +123,27 @@ class EncoderBlock(nnx.Module):
         attn_gate: jax.Array | None = None,
         ffn_gate: jax.Array | None = None,
     ) -> jax.Array:
-        """x [B,T,D]; mask bool broadcastable to [B,1,T,T]; positions int [T]; gates [B,T]."""
+        """x [B,T,D]; mask bool broadcastable to [B,1,T,T]; positions int [T]; gates [B,T]
+        (masked execution: frames whose attention is off are masked out as keys)."""
+        if attn_gate is not None:
+            mask = mask & hard(attn_gate)[:, None, None, :]
         x = _gated(x, self.attn(self.attn_norm(x), mask, positions), attn_gate)
         return _gated(x, self.ffn(self.ffn_norm(x)), ffn_gate)
+
+    def gathered(
+        self, x: jax.Array, context, attn_on: jax.Array, ffn_on: jax.Array, capacity: int
+    ) -> tuple[jax.Array, jax.Array]:
+        """Hard-gated block computing only active frames (gathered execution, see the module
+        docstring). x [B,T,D]; context(q_pos, k_pos) -> bool (the chunked mask); on [B,T] bool
+        (False on padding). Returns (x, dropped [B])."""
+        idx, slots, dropped = active_slots(attn_on, capacity)
+        q, k, v = self.attn.qkv(self.attn_norm(_take(x, idx)), idx)
+        mask = context(idx, idx) & slots[:, None, :]
+        y = self.attn.dropout(self.attn.out(attend(q, k, v, mask[:, None])))
+        x = x + _put(x, idx, y, slots)
+        idx, slots, dropped_ffn = active_slots(ffn_on, capacity)
+        x = x + _put(x, idx, self.ffn(self.ffn_norm(_take(x, idx))), slots)
+        return x, dropped + dropped_ffn
 
     def step(
         self,
@@ -83,15 +154,23 @@ class EncoderBlock(nnx.Module):
         *,
         attn_gate: jax.Array | None = None,
         ffn_gate: jax.Array | None = None,
+        capacities: tuple[int, ...] | None = None,
     ) -> tuple[LayerStreamState, jax.Array]:
         """Takes the newest input chunk x [B,C,D] (at kv_positions [C]) and returns the output
         chunk L chunks earlier (L = lookahead; the pending inputs wait in the state's buffer).
 
         mask: bool, broadcastable to [B,1,C,S+C] over the keys [cache; x]. Gates [B,C] refer to
-        the output chunk.
+        the output chunk and need L = 0. `capacities` (skipping execution, hard gates given):
+        each component runs at the smallest of these capacities that holds its active frames.
         """
         cache, pending = state
         c = x.shape[1]
+        if (attn_gate is not None or ffn_gate is not None) and pending.shape[1]:
+            raise ValueError("gated streaming needs lookahead_chunks = 0")
+        if capacities is not None:
+            return self._step_skipping(
+                state, x, kv_positions, mask, attn_gate, ffn_gate, capacities
+            )
         kv_in = self.attn_norm(x)
         if pending.shape[1]:  # lookahead: the query chunk is the oldest pending one
             inputs = jnp.concatenate([pending, x], axis=1)
@@ -100,13 +179,43 @@ class EncoderBlock(nnx.Module):
         else:
             q_in = kv_in
         q_positions = kv_positions - pending.shape[1]
-        cache, y = self.attn.step(cache, q_in, kv_in, q_positions, kv_positions, mask)
+        kv_valid = None if attn_gate is None else hard(attn_gate)
+        cache, y = self.attn.step(cache, q_in, kv_in, q_positions, kv_positions, mask, kv_valid)
         x = _gated(x, y, attn_gate)
         return (cache, pending), _gated(x, self.ffn(self.ffn_norm(x)), ffn_gate)
 
+    def _step_skipping(self, state, x, kv_positions, mask, attn_gate, ffn_gate, capacities):
+        cache, pending = state
+        attn_on, ffn_on = hard(attn_gate), hard(ffn_gate)
+        sizes = jnp.asarray(capacities, jnp.int32)
+
+        def attention(capacity, cache, x):
+            idx, slots, _ = active_slots(attn_on, capacity)
+            q, k, v = self.attn.qkv(self.attn_norm(_take(x, idx)), kv_positions[idx])
+            chunk_valid = _put(attn_on, idx, slots, slots)
+            cache, y = self.attn.attend_cached(
+                cache, q, _put(x, idx, k, slots), _put(x, idx, v, slots), mask, chunk_valid,
+            )  # fmt: skip
+            return cache, _put(x, idx, y, slots)
+
+        def ffn(capacity, x):
+            idx, slots, _ = active_slots(ffn_on, capacity)
+            return _put(x, idx, self.ffn(self.ffn_norm(_take(x, idx))), slots)
+
+        def branch(on):  # the smallest capacity that holds every row's active frames
+            return jnp.searchsorted(sizes, jnp.max(jnp.sum(on, axis=1)))
+
+        cache, y = jax.lax.switch(
+            branch(attn_on), [functools.partial(attention, k) for k in capacities], cache, x
+        )
+        x = x + y
+        y = jax.lax.switch(branch(ffn_on), [functools.partial(ffn, k) for k in capacities], x)
+        return (cache, pending), x + y
+
 
 class Encoder(nnx.Module):
-    """Stack of `EncoderBlock`s with chunked attention, plus a final LayerNorm."""
+    """Stack of `EncoderBlock`s with chunked attention, plus a final LayerNorm; with
+    `cfg.arbitrator` set, an `Arbitrator` gates each block's components per frame."""
 
     def __init__(self, cfg: TransducerConfig, *, rngs: nnx.Rngs):
         self.chunk_size = cfg.chunk_size
@@ -117,11 +226,68 @@ class Encoder(nnx.Module):
         self.dtype = cfg.compute_dtype
         self.blocks = nnx.List([EncoderBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = layer_norm(cfg.d_model, cfg, rngs=rngs)
+        self.arbitrator = Arbitrator(cfg, rngs=rngs) if cfg.arbitrator != "none" else None
+
+    def context(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
+        """The chunked mask between arbitrary frame positions (`attention.chunk_context`)."""
+        return chunk_context(
+            q_positions, k_positions, self.chunk_size, self.left_chunks, self.lookahead_chunks
+        )
 
     def attention_mask(self, lengths: jax.Array, num_frames: int) -> jax.Array:
         """Boolean [B, 1, T, T]: chunked mask and key padding."""
-        chunks = chunk_mask(num_frames, self.chunk_size, self.left_chunks, self.lookahead_chunks)
+        frames = jnp.arange(num_frames)
+        chunks = self.context(frames, frames)
         return chunks[None, None] & length_mask(lengths, num_frames)[:, None, None, :]
+
+    def _layer_gates(self, i, block, x, acoustic, valid, attn_gates, ffn_gates):
+        """Layer i's (attention, FFN) gates [B,T]: the caller's, the arbitrator's, or None."""
+        if acoustic is None:
+            return (
+                None if attn_gates is None else attn_gates[i],
+                None if ffn_gates is None else ffn_gates[i],
+            )
+        logits = acoustic[i]
+        extra = self.arbitrator.block_logits(i, block.attn_norm(x))
+        if extra is not None:
+            logits = logits + extra
+        gates = self.arbitrator.gates(logits, valid)
+        return gates[0], gates[1]
+
+    def forward(
+        self,
+        x: jax.Array,
+        lengths: jax.Array,
+        *,
+        attn_gates: jax.Array | None = None,
+        ffn_gates: jax.Array | None = None,
+        capacity: int | None = None,
+    ) -> tuple[jax.Array, GateTrace]:
+        """x [B,T,D], lengths [B] -> ([B,T,D], GateTrace). Gates: [num_layers, B, T] each, or
+        None (then the arbitrator's, if the model has one). `capacity` (frames per utterance per
+        component): gathered execution with hard gates (inference)."""
+        b, t, _ = x.shape
+        valid = length_mask(lengths, t)
+        mask = self.attention_mask(lengths, t)
+        positions = jnp.arange(t, dtype=jnp.int32)
+        acoustic = None
+        if attn_gates is None and ffn_gates is None and self.arbitrator is not None:
+            acoustic = self.arbitrator.acoustic_logits(x)
+        dropped = jnp.zeros((b,), jnp.int32)
+        used = []
+        for i, block in enumerate(self.blocks):
+            ga, gf = self._layer_gates(i, block, x, acoustic, valid, attn_gates, ffn_gates)
+            if capacity is None:
+                x = block(x, mask, positions, attn_gate=ga, ffn_gate=gf)
+            else:
+                on_a = valid if ga is None else hard(ga) & valid
+                on_f = valid if gf is None else hard(gf) & valid
+                x, d = block.gathered(x, self.context, on_a, on_f, capacity)
+                dropped = dropped + d
+            ones = valid.astype(jnp.float32)
+            used.append((ones if ga is None else ga * ones, ones if gf is None else gf * ones))
+        trace = GateTrace(jnp.stack([a for a, _ in used]), jnp.stack([f for _, f in used]), dropped)
+        return self.norm(x), trace
 
     def __call__(
         self,
@@ -131,18 +297,8 @@ class Encoder(nnx.Module):
         attn_gates: jax.Array | None = None,
         ffn_gates: jax.Array | None = None,
     ) -> jax.Array:
-        """x [B,T,D], lengths [B] -> [B,T,D]. Gates: [num_layers, B, T] each, or None."""
-        mask = self.attention_mask(lengths, x.shape[1])
-        positions = jnp.arange(x.shape[1], dtype=jnp.int32)
-        for i, block in enumerate(self.blocks):
-            x = block(
-                x,
-                mask,
-                positions,
-                attn_gate=None if attn_gates is None else attn_gates[i],
-                ffn_gate=None if ffn_gates is None else ffn_gates[i],
-            )
-        return self.norm(x)
+        """x [B,T,D], lengths [B] -> [B,T,D] (`forward` without the trace)."""
+        return self.forward(x, lengths, attn_gates=attn_gates, ffn_gates=ffn_gates)[0]
 
     @property
     def cache_size(self) -> int:
@@ -157,8 +313,18 @@ class Encoder(nnx.Module):
         """Chunks between a `step` input and its output: num_layers * lookahead_chunks."""
         return len(self.blocks) * self.lookahead_chunks
 
+    @property
+    def stream_capacities(self) -> tuple[int, ...]:
+        """Capacities of skipping execution: 0 (not run), powers of two below C, and C."""
+        sizes, k = [0], 1
+        while k < self.chunk_size:
+            sizes.append(k)
+            k *= 2
+        return (*sizes, self.chunk_size)
+
     def init_state(self, batch: int) -> tuple[LayerStreamState, ...]:
-        """Per layer: zero KV cache [B, cache_size, H, K] x 2 and pending inputs [B, L*C, D]."""
+        """Per layer: empty KV cache ([B, cache_size, H, K] x 2 and validity [B, cache_size])
+        and pending inputs [B, L*C, D]."""
         pending = (batch, self.lookahead_chunks * self.chunk_size, self.d_model)
         return tuple(
             (b.attn.init_cache(batch, self.cache_size), jnp.zeros(pending, self.dtype))
@@ -174,30 +340,44 @@ class Encoder(nnx.Module):
         *,
         attn_gates: jax.Array | None = None,
         ffn_gates: jax.Array | None = None,
+        skip: bool = False,
     ) -> tuple[tuple[LayerStreamState, ...], jax.Array]:
         """Feeds chunk x [B, C, D] at encoder frames offset..offset+C-1 (offset: int32 scalar,
         shared by the batch); returns the output chunk at frames offset - delay_chunks * C.
 
         `end` [B] (optional): frames at positions >= end are padding (masked as keys, exactly as
-        `__call__` masks frames >= lengths). Gates: [num_layers, B, C] each, or None; layer i's
-        gates refer to its output chunk (frames offset - (i + 1) * lookahead_chunks * C ...).
+        `__call__` masks frames >= lengths). Gates: [num_layers, B, C] each, or None (then the
+        arbitrator's, if any); layer i's gates refer to its output chunk (frames offset - (i + 1)
+        * lookahead_chunks * C ...). `skip` (hard gates, lookahead 0): components run only on
+        their active frames (skipping execution, see the module docstring).
         """
         b, c, _ = x.shape
         size, ahead = self.cache_size, self.lookahead_chunks * c
+        frame_pos = offset + jnp.arange(c, dtype=jnp.int32)
+        valid = jnp.ones((b, c), bool) if end is None else frame_pos[None, :] < end[:, None]
+        acoustic = None
+        if attn_gates is None and ffn_gates is None and self.arbitrator is not None:
+            acoustic = self.arbitrator.acoustic_logits(x)
         new_state = []
         for i, (layer_state, block) in enumerate(zip(state, self.blocks, strict=True)):
             start = offset - i * ahead  # position of this layer's newest input chunk
             key_pos = start - size + jnp.arange(size + c, dtype=jnp.int32)  # [cache; chunk]
-            valid = jnp.broadcast_to(key_pos >= 0, (b, size + c))
+            key_valid = jnp.broadcast_to(key_pos >= 0, (b, size + c))
             if end is not None:
-                valid &= key_pos[None, :] < end[:, None]
+                key_valid &= key_pos[None, :] < end[:, None]
+            ga, gf = self._layer_gates(i, block, x, acoustic, valid, attn_gates, ffn_gates)
+            skipping = skip and (ga is not None or gf is not None)
+            if skipping:
+                ga = valid.astype(jnp.float32) if ga is None else ga
+                gf = valid.astype(jnp.float32) if gf is None else gf
             layer_state, x = block.step(
                 layer_state,
                 x,
                 key_pos[size:],
-                valid[:, None, None, :],
-                attn_gate=None if attn_gates is None else attn_gates[i],
-                ffn_gate=None if ffn_gates is None else ffn_gates[i],
+                key_valid[:, None, None, :],
+                attn_gate=ga,
+                ffn_gate=gf,
+                capacities=self.stream_capacities if skipping else None,
             )
             new_state.append(layer_state)
         return tuple(new_state), self.norm(x)

@@ -15,9 +15,10 @@ import optax
 from flax import nnx
 
 from jaxspeech.losses import rnnt_loss_fused
+from jaxspeech.models import flops
 from jaxspeech.models.attention import length_mask
 from jaxspeech.models.config import TransducerConfig, dense
-from jaxspeech.models.encoder import Encoder, LayerStreamState
+from jaxspeech.models.encoder import Encoder, GateTrace, LayerStreamState
 from jaxspeech.models.joint import Joint
 from jaxspeech.models.predictor import make_predictor
 from jaxspeech.models.subsampling import ConvSubsampling, SubsamplingState
@@ -46,7 +47,7 @@ class StreamState(NamedTuple):
     """Streaming encoder state (a pytree of fixed-shape arrays)."""
 
     subsampling: SubsamplingState  # per conv layer: previous input frame
-    encoder: tuple[LayerStreamState, ...]  # per layer: KV cache [B,S,H,K] x 2, pending [B,L*C,D]
+    encoder: tuple[LayerStreamState, ...]  # per layer: KV cache (k, v, valid), pending [B,L*C,D]
     offset: jax.Array  # int32 scalar: encoder frames fed so far
     end: jax.Array  # int32 [B]: end of the valid frames once a partial chunk was fed, else max
 
@@ -78,12 +79,31 @@ class TransformerTransducer(nnx.Module):
     ) -> tuple[jax.Array, jax.Array]:
         """feats [B,T,F], feat_lengths [B] -> (enc [B,T//4,D], enc_lengths [B] = feat_lengths//4).
 
-        Encoder frames beyond enc_lengths are zero. Gates: [num_layers, B, T//4] or None.
+        Encoder frames beyond enc_lengths are zero. Gates: [num_layers, B, T//4] or None (then
+        the arbitrator's, if the model has one).
         """
+        enc, enc_lengths, _ = self.encode_with_trace(
+            feats, feat_lengths, attn_gates=attn_gates, ffn_gates=ffn_gates
+        )
+        return enc, enc_lengths
+
+    def encode_with_trace(
+        self,
+        feats: jax.Array,
+        feat_lengths: jax.Array,
+        *,
+        attn_gates: jax.Array | None = None,
+        ffn_gates: jax.Array | None = None,
+        capacity: int | None = None,
+    ) -> tuple[jax.Array, jax.Array, GateTrace]:
+        """`encode`, plus the gates used (`GateTrace`); `capacity`: gathered execution
+        (`jaxspeech.models.encoder`), frames per utterance per component."""
         x, enc_lengths = self.subsampling(self._normalize(feats, feat_lengths), feat_lengths)
-        enc = self.encoder(x, enc_lengths, attn_gates=attn_gates, ffn_gates=ffn_gates)
+        enc, trace = self.encoder.forward(
+            x, enc_lengths, attn_gates=attn_gates, ffn_gates=ffn_gates, capacity=capacity
+        )
         valid = length_mask(enc_lengths, enc.shape[1])[..., None]
-        return jnp.where(valid, enc, jnp.zeros_like(enc)), enc_lengths
+        return jnp.where(valid, enc, jnp.zeros_like(enc)), enc_lengths, trace
 
     def predict(self, labels: jax.Array) -> jax.Array:
         """labels int [B,U] -> [B,U+1,P]; position 0 is the blank start symbol."""
@@ -96,13 +116,34 @@ class TransformerTransducer(nnx.Module):
         labels: jax.Array,
         label_lengths: jax.Array,
     ) -> jax.Array:
-        """Per-example RNN-T negative log-likelihood [B] (nats), via the fused joint + loss.
+        """Per-example training loss [B] (nats): the RNN-T negative log-likelihood (fused joint +
+        loss), plus `ctc_weight * ctc` and `compute_weight * compute` (see `loss_terms`)."""
+        return self.combine_loss_terms(self.loss_terms(feats, feat_lengths, labels, label_lengths))
 
-        With `cfg.ctc_weight` > 0 the result is `rnnt + ctc_weight * ctc`, where `ctc` is the CTC
-        negative log-likelihood (nats, `optax.ctc_loss`, blank 0) of a linear head on the encoder
-        output: an auxiliary target that makes the encoder frame-discriminative early in training.
+    def combine_loss_terms(self, terms: dict[str, jax.Array]) -> jax.Array:
+        """rnnt + ctc_weight * ctc + compute_weight * compute (the terms present)."""
+        loss = terms["rnnt"]
+        if "ctc" in terms:
+            loss = loss + self.cfg.ctc_weight * terms["ctc"]
+        if "compute" in terms:
+            loss = loss + self.cfg.compute_weight * terms["compute"]
+        return loss
+
+    def loss_terms(
+        self,
+        feats: jax.Array,
+        feat_lengths: jax.Array,
+        labels: jax.Array,
+        label_lengths: jax.Array,
+    ) -> dict[str, jax.Array]:
+        """Per-example loss terms [B]: `rnnt` (nats, never materializing the [B,T,U+1,V]
+        logits); with `cfg.ctc_weight` > 0, `ctc`: the CTC negative log-likelihood (nats,
+        `optax.ctc_loss`, blank 0) of a linear head on the encoder output, an auxiliary target that
+        makes the encoder frame-discriminative early in training; with arbitrators, `compute`: the
+        executed gated-encoder FLOPs under the (relaxed) gates as a fraction of the ungated
+        encoder's (`flops.compute_fraction`; differentiable in the gates).
         """
-        enc, enc_lengths = self.encode(feats, feat_lengths)
+        enc, enc_lengths, trace = self.encode_with_trace(feats, feat_lengths)
         enc_proj = self.joint.project_encoder(enc)
         pred_proj = self.joint.project_predictor(self.predict(labels))
         graphdef, joint_state = nnx.split(self.joint)
@@ -110,14 +151,16 @@ class TransformerTransducer(nnx.Module):
         def joint_fn(e: jax.Array, p: jax.Array) -> jax.Array:
             return nnx.merge(graphdef, joint_state)(e, p)
 
-        loss = rnnt_loss_fused(
-            enc_proj, pred_proj, joint_fn, labels, enc_lengths, label_lengths, blank_id=0
-        )
-        if self.cfg.ctc_weight > 0:
-            loss = loss + self.cfg.ctc_weight * self.ctc_loss(
-                enc, enc_lengths, labels, label_lengths
+        terms = {
+            "rnnt": rnnt_loss_fused(
+                enc_proj, pred_proj, joint_fn, labels, enc_lengths, label_lengths, blank_id=0
             )
-        return loss
+        }
+        if self.cfg.ctc_weight > 0:
+            terms["ctc"] = self.ctc_loss(enc, enc_lengths, labels, label_lengths)
+        if self.encoder.arbitrator is not None:
+            terms["compute"] = flops.compute_fraction(self.cfg, enc_lengths, trace.attn, trace.ffn)
+        return terms
 
     def ctc_loss(
         self, enc: jax.Array, enc_lengths: jax.Array, labels: jax.Array, label_lengths: jax.Array
@@ -161,6 +204,8 @@ class TransformerTransducer(nnx.Module):
         state: StreamState,
         feat_chunk: jax.Array,
         feat_chunk_lengths: jax.Array | None = None,
+        *,
+        skip: bool = False,
     ) -> tuple[StreamState, jax.Array]:
         """feat_chunk [B, chunk_size*factor, F] -> (state, enc [B, chunk_size, D]).
 
@@ -169,6 +214,8 @@ class TransformerTransducer(nnx.Module):
         length 0). `feat_chunk_lengths` [B] (optional, an addition to the contract): valid feature
         frames in this chunk; once a chunk is partial, later frames are padding, masked exactly as
         `encode` masks frames beyond `feat_lengths`, so the valid outputs equal `encode`.
+        `skip` (a model with arbitrators, in eval mode): gated-off components are not executed
+        (`jaxspeech.models.encoder`, skipping execution); the outputs are the same.
         """
         b, n, _ = feat_chunk.shape
         if n != self.feat_chunk_size:
@@ -180,5 +227,5 @@ class TransformerTransducer(nnx.Module):
         )
         frames = lengths // factor
         end = jnp.where(frames < c, jnp.minimum(state.end, state.offset + frames), state.end)
-        enc_state, enc = self.encoder.step(state.encoder, x, state.offset, end)
+        enc_state, enc = self.encoder.step(state.encoder, x, state.offset, end, skip=skip)
         return StreamState(sub_state, enc_state, state.offset + c, end), enc

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from jaxspeech import features
+from jaxspeech.models import arbitrator as arbitrator_lib
 from jaxspeech.train import checkpoint as checkpoint_lib
 from jaxspeech.train import data as data_lib
 from jaxspeech.train import evaluate as evaluate_lib
@@ -215,6 +216,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         batch_sharding=bsharding,
         quant_rules=quant_rules,
         quant_weight=float(config.quant.regularizer_weight) if quant_rules else 0.0,
+        gate_temperature=_gate_temperature(model_cfg, tc),
     )
     recognizer = None
     history, batch_ids, audio_seconds, t0 = [], {}, 0.0, time.perf_counter()
@@ -334,13 +336,25 @@ def _warm_start_source(tc, workdir: str) -> str | None:
     return source
 
 
+def _gate_temperature(model_cfg, tc):
+    """The arbitrator gate temperature schedule (train.gate_temperature = (start, end),
+    exponential over the run), or None for a model without arbitrators."""
+    if model_cfg.arbitrator == "none":
+        return None
+    start, end = tc.get("gate_temperature", (1.0, 1.0))
+    return arbitrator_lib.temperature_schedule(float(start), float(end), tc.num_steps)
+
+
 def _load_init_model(source: str, description: dict):
-    """The trained model of `source`, checked to have this run's parameter shapes."""
+    """The trained model of `source`, checked to have this run's parameter shapes. This run may
+    add parameters (arbitrators on a trained transducer): those keep their initialization."""
     trained = evaluate_lib.load_trained(source)
     shapes = state_lib.param_shapes({"params": _params(trained.model)})
-    if shapes != description["param_shapes"]:
+    target = description["param_shapes"]
+    if any(target.get(path) != shape for path, shape in shapes.items()):
         diffs = checkpoint_lib.describe_differences(
-            {"param_shapes": shapes}, {"param_shapes": description["param_shapes"]}
+            {"param_shapes": shapes},
+            {"param_shapes": {k: v for k, v in target.items() if k in shapes}},
         )
         raise checkpoint_lib.IncompatibleCheckpointError(
             f"train.init_from={source!r} holds a different model (step {trained.step}); "

@@ -65,11 +65,29 @@ def learning_rate_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
     raise ValueError(f"optim.schedule must be 'cosine', 'rsqrt' or 'constant', got {kind!r}")
 
 
+def scale_module_updates(module: str, factor: float) -> optax.GradientTransformation:
+    """Multiplies the updates of every parameter under a module named `module` by `factor` (a
+    per-module learning-rate multiplier)."""
+    key = f"[{module!r}]"
+
+    def update(updates, state, params=None):
+        del params
+        scaled = jax.tree_util.tree_map_with_path(
+            lambda path, u: u * factor if key in jax.tree_util.keystr(path) else u, updates
+        )
+        return scaled, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(optim_cfg, num_steps: int, quant_rules=None):
     """Global-norm clipping then AdamW; weight decay only on matrices (not biases, norms; under
-    QAT not on squashed thetas or amplitudes, see `quantize.decay_mask`)."""
+    QAT not on squashed thetas or amplitudes, see `quantize.decay_mask`). The arbitrators' updates
+    are scaled by `optim.arbitrator_lr_scale` (default 1): fresh gates on a warm-started model
+    must move much further than the trained weights."""
     schedule = learning_rate_schedule(optim_cfg, num_steps)
     decay_mask = lambda params: quantize.decay_mask(params, quant_rules)
+    arbitrator_scale = float(optim_cfg.get("arbitrator_lr_scale", 1.0))
     tx = optax.chain(
         optax.clip_by_global_norm(float(optim_cfg.grad_clip_norm)),
         optax.adamw(
@@ -81,6 +99,8 @@ def make_optimizer(optim_cfg, num_steps: int, quant_rules=None):
             mask=decay_mask,
         ),
     )
+    if arbitrator_scale != 1.0:
+        tx = optax.chain(tx, scale_module_updates("arbitrator", arbitrator_scale))
     return tx, schedule
 
 
@@ -150,16 +170,20 @@ def create_train_state(
 ):
     """Returns (graphdef, state, state_shardings) with `state` materialized sharded on `mesh`.
 
-    `init_model` (a trained model of the same configuration) warm-starts the state: its
-    parameters (theta = f^-1(w / a) under QAT) and its feature normalization; step 0, fresh
-    optimizer state."""
+    `init_model` (a trained model of the same configuration, or one this configuration extends
+    with new parameters, e.g. arbitrators) warm-starts the state: its parameters (theta =
+    f^-1(w / a) under QAT) and its feature normalization, the new parameters as initialized;
+    step 0, fresh optimizer state."""
     graphdef, _, shardings = abstract_train_state(
         cfg, tx, mesh, rules, seed=seed, quant_rules=quant_rules
     )
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     with jax.set_mesh(mesh):
-        if init_model is not None:
-            _, params, rest = nnx.split(init_model, nnx.Param, ...)
+        if init_model is not None:  # its state over a fresh model (which may add parameters)
+            with nnx.use_eager_sharding(False):
+                fresh = _build(cfg, seed)
+            nnx.update(fresh, nnx.state(init_model))
+            _, params, rest = nnx.split(fresh, nnx.Param, ...)
             warm = jax.jit(lambda p, r: _state(p, r, tx, quant_rules), out_shardings=shardings)
             return graphdef, warm(params, rest), shardings
         mean = np.zeros(cfg.num_mels, np.float32) if feature_mean is None else feature_mean

@@ -14,6 +14,11 @@ optimized loss adds the squashed-weight regularizer (`quant_weight`; reported as
 Non-finite loss or gradients: the update is not applied (the state passes through unchanged) and
 `finite` is 0 in the metrics; the host loop then fails fast naming the step (`nonfinite='fail'`).
 A skip-and-count policy only needs a different host reaction.
+
+Arbitrators (`jaxspeech.models.arbitrator`): `gate_temperature(step)` sets the gates' relaxation
+temperature before each step; the loss includes `compute_weight * compute` (the model's
+`loss`), and `compute` (the mean executed fraction of the gated encoder's FLOPs under the sampled
+gates) is reported.
 """
 
 from __future__ import annotations
@@ -45,11 +50,25 @@ def _features(batch, feature_cfg, spec_augment_cfg, key):
 
 
 def _loss_sums(model, batch, feats, feat_lengths):
-    per_example = model.loss(feats, feat_lengths, batch["labels"], batch["label_lengths"])
+    """(loss sum, valid utterances, label tokens, {term: sum} of the loss terms)."""
+    terms = model.loss_terms(feats, feat_lengths, batch["labels"], batch["label_lengths"])
     valid = (batch["audio_lengths"] > 0).astype(jnp.float32)
-    per_example = per_example.astype(jnp.float32) * valid
+    per_example = model.combine_loss_terms(terms).astype(jnp.float32) * valid
     num_tokens = jnp.sum(batch["label_lengths"].astype(jnp.float32) * valid)
-    return jnp.sum(per_example), jnp.sum(valid), num_tokens
+    sums = {k: jnp.sum(v.astype(jnp.float32) * valid) for k, v in terms.items()}
+    return jnp.sum(per_example), jnp.sum(valid), num_tokens, sums
+
+
+def _with_temperature(rest, gate_temperature, step):
+    """The non-parameter state with the arbitrator's `GateTemperature` set to its value at step."""
+    if gate_temperature is None:
+        return rest
+    tau = jnp.asarray(gate_temperature(step), jnp.float32)
+
+    def put(path, leaf):
+        return tau if "['arbitrator']['temperature']" in jax.tree_util.keystr(path) else leaf
+
+    return jax.tree_util.tree_map_with_path(put, rest)
 
 
 def make_train_step(
@@ -64,8 +83,11 @@ def make_train_step(
     batch_sharding=None,
     quant_rules=None,
     quant_weight: float = 0.0,
+    gate_temperature=None,
 ):
-    """Returns `train_step(state, batch) -> (state, metrics)`, jitted with donation of `state`."""
+    """Returns `train_step(state, batch) -> (state, metrics)`, jitted with donation of `state`.
+
+    `gate_temperature`: step -> arbitrator gate temperature (None: the model's stored value)."""
     spec_augment_cfg = None if spec_augment_cfg is None else dict(spec_augment_cfg)
     base_key = jax.random.key(seed)
 
@@ -76,17 +98,20 @@ def make_train_step(
 
         def loss_fn(trainable):
             params = quantize.effective_params(trainable, quant_rules, step)
-            model = nnx.merge(graphdef, params, state["rest"])
+            model = nnx.merge(
+                graphdef, params, _with_temperature(state["rest"], gate_temperature, step)
+            )
             model.train()
-            total, count, tokens = _loss_sums(model, batch, feats, feat_lengths)
+            total, count, tokens, sums = _loss_sums(model, batch, feats, feat_lengths)
             loss = total / jnp.maximum(count, 1.0)
             reg = quantize.regularizer(trainable, quant_rules, quant_weight)
             # The updated non-parameter state (dropout RNG counters) leaves through the aux.
             _, _, rest = nnx.split(model, nnx.Param, ...)
-            return loss + reg, (loss, reg, total, count, tokens, rest)
+            return loss + reg, (loss, reg, total, count, tokens, sums, rest)
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (objective, (loss, reg, total, count, tokens, rest)), grads = grad_fn(state["params"])
+        (objective, aux), grads = grad_fn(state["params"])
+        loss, reg, total, count, tokens, sums, rest = aux
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -109,6 +134,8 @@ def make_train_step(
         }
         if quant_rules is not None:
             metrics["quant_regularizer"] = reg
+        if "compute" in sums:
+            metrics["compute"] = sums["compute"] / jnp.maximum(count, 1.0)
         return new, metrics
 
     kwargs = {}
@@ -130,7 +157,7 @@ def make_eval_step(
         params = quantize.effective_params(state["params"], quant_rules, state["step"])
         model = nnx.merge(graphdef, params, state["rest"])
         model.eval()
-        total, count, tokens = _loss_sums(model, batch, feats, feat_lengths)
+        total, count, tokens, _ = _loss_sums(model, batch, feats, feat_lengths)
         return {"loss_sum": total, "num_utterances": count, "num_tokens": tokens}
 
     kwargs = {}

@@ -1,0 +1,98 @@
+r"""Arbitrators (compute-cost amortized Transformer) on the spoken-commands transducer (issue 5).
+
+Fine-tunes the main job's trained model (`runs/commands_tt`, from `experiments/commands_tt.py`) for
+a fixed number of steps. The argument picks the cell, comma-separated:
+
+  none              the baseline: the same fine-tuning, no arbitrators, full attention context
+  arbitrator,W      arbitrators trained jointly with compute loss weight W (nats per utterance
+                    for running the whole gated encoder; the sweep's knob)
+  window,N          the sliding-window baseline: attention sees N left chunks instead of 4
+                    (a window of N + 1 chunks of 8 frames, 320 ms each)
+
+Options for `arbitrator` cells: `block` (the arbitrator also reads each block's input,
+`acoustic+block`), `st` / `gumbel_soft` (other gate estimators than Gumbel-sigmoid
+straight-through), `tiny` (the tiny model from scratch, a few steps: tests, demos).
+
+  python scripts/train.py --config experiments/commands_arbitrator.py:arbitrator,4 \
+      --workdir runs/arbitrator/arbitrator_4
+
+The sweep (compute weights and window sizes; the table, the WER-vs-compute and wall-time plots):
+
+  python scripts/sweep_arbitrator.py --base runs/commands_tt --out runs/arbitrator
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+METHODS = ("none", "arbitrator", "window")
+# Fine-tuning recipe (the squashed-QAT sweep's, experiments/commands_squashed.py): 600 steps from
+# the trained model at LR 5e-4.
+STEPS, LR, WARMUP = 600, 5e-4, 50
+# Arbitrator: hidden width, the initial gate-logit bias (sigmoid(2) = 0.88: components start on,
+# and a Gumbel-sigmoid sample is off 12% of the time), the temperature annealed from 1 to 0.5, and
+# the arbitrator's learning-rate multiplier (fresh gates must move far in 600 steps; at 1x the
+# executed compute fell only from 95% to 90% with weight 16, experiments/RESULTS.md).
+ARB_DIM, GATE_BIAS, TEMPERATURE, ARB_LR_SCALE = 32, 2.0, (1.0, 0.5), 20.0
+BASE_WORKDIR = "runs/commands_tt"
+
+
+def _commands_tt(arg):
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "commands_tt.py")
+    spec = importlib.util.spec_from_file_location("commands_tt", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def parse(arg: str | None) -> dict:
+    """'arbitrator,4,block' -> {'tiny': False, 'method': 'arbitrator', 'value': 4.0, ...}."""
+    tokens = [t for t in (arg or "").split(",") if t]
+    flags = {"tiny", "block", "st", "gumbel_soft"}
+    rest = [t for t in tokens if t not in flags]
+    method = rest[0] if rest else "arbitrator"
+    values = rest[1:]
+    ok = method in METHODS and len(values) <= 1
+    try:
+        value = float(values[0]) if values else (4.0 if method == "arbitrator" else 1.0)
+    except ValueError:
+        ok = False
+    if not ok or (method == "window" and (value != int(value) or value < 0)):
+        raise ValueError(
+            f"unknown variant {arg!r}; use 'none', 'arbitrator[,WEIGHT][,block][,st|gumbel_soft]' "
+            "or 'window,LEFT_CHUNKS' (optionally with 'tiny'), e.g. commands_arbitrator.py:"
+            "arbitrator,4"
+        )
+    estimator = "st" if "st" in tokens else "gumbel_soft" if "gumbel_soft" in tokens else None
+    return dict(
+        tiny="tiny" in tokens,
+        method=method,
+        value=value,
+        block="block" in tokens,
+        estimator=estimator or "gumbel_st",
+    )
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    p = parse(arg)
+    c = _commands_tt("tiny" if p["tiny"] else None)
+    if p["method"] == "arbitrator":
+        c.model.arbitrator = "acoustic+block" if p["block"] else "acoustic"
+        c.model.arbitrator_dim = 8 if p["tiny"] else ARB_DIM
+        c.model.gate_estimator = p["estimator"]
+        c.model.gate_init_bias = GATE_BIAS
+        c.model.compute_weight = p["value"]
+        c.train.gate_temperature = TEMPERATURE
+        c.optim.arbitrator_lr_scale = ARB_LR_SCALE
+    elif p["method"] == "window":
+        c.model.left_chunks = int(p["value"])
+    if p["tiny"]:
+        return c
+    c.train.init_from = BASE_WORKDIR
+    c.train.num_steps = STEPS
+    c.train.eval_every = STEPS
+    c.train.checkpoint_every = STEPS
+    c.optim.learning_rate = LR
+    c.optim.warmup_steps = WARMUP
+    return c

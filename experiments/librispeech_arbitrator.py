@@ -1,0 +1,37 @@
+r"""Arbitrators on the paper-sized LibriSpeech Transformer transducer (Xie et al. 2022's setup).
+
+The model of `experiments/librispeech_tt.py` (18 layers, d_model 512, chunked streaming attention)
+with an acoustic arbitrator gating every layer's attention and feed-forward per frame, trained
+jointly with the compute loss (Gumbel-sigmoid straight-through gates, temperature 1 -> 0.5). The
+argument is the compute loss weight (default 20: nats per utterance for running the whole gated
+encoder; LibriSpeech utterances are ~12 s, so the weight is larger than the spoken-commands
+one), optionally followed by a local LibriSpeech directory:
+
+  python scripts/train.py --config experiments/librispeech_arbitrator.py --workdir runs/ls_arb
+  python scripts/train.py --config experiments/librispeech_arbitrator.py:20,/data/LibriSpeech \
+      --workdir runs/ls_arb
+
+The paper trains arbitrators and Transformer jointly from scratch; to warm-start from a trained
+T-T instead (the spoken-commands recipe), add
+`--config.train.init_from=runs/librispeech_tt --config.train.num_steps=20000`.
+The sliding-window baseline is `experiments/librispeech_tt.py` with
+`--config.model.left_chunks=N` (N < 4).
+"""
+
+import importlib.util
+import os
+
+
+def get_config(arg: str | None = None):
+    weight, _, local = (arg or "").partition(",")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "librispeech_tt.py")
+    spec = importlib.util.spec_from_file_location("librispeech_tt", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(local or None)
+    c.model.arbitrator = "acoustic"
+    c.model.arbitrator_dim = 64
+    c.model.gate_init_bias = 2.0
+    c.model.compute_weight = float(weight) if weight else 20.0
+    c.train.gate_temperature = (1.0, 0.5)
+    return c

@@ -1,0 +1,118 @@
+"""Arbitrators: per-frame gates that switch encoder components off (compute-cost amortization).
+
+Xie et al., "Compute cost amortized Transformer for streaming ASR" (Interspeech 2022). The paper
+does not publish the arbitrator's size or inputs, the estimator for the binary decisions or the
+exact compute loss; jaxspeech's choices, all in `TransducerConfig`:
+
+Inputs (`arbitrator`):
+  "acoustic"        one small network on the subsampled acoustic frames (the encoder's input)
+                    emits the gate logits of every gated component of every layer at once:
+                    LayerNorm -> Linear(D, A) -> GELU -> Linear(A, 2 * num_layers).
+  "acoustic+block"  as above, plus, per layer, Linear(D, 2) on the layer's (normalized) block input
+                    added to that layer's logits, so a gate can also react to what the encoder has
+                    computed so far.
+Both are strictly per frame, hence exactly streamable. Gate order per layer: (attention, FFN).
+
+Estimators (`gate_estimator`) for the binary decision g in {0, 1} (on = 1) from a logit l:
+  "gumbel_st"   (default) g = 1[l + n > 0], n ~ Logistic(0, 1) (a Gumbel-sigmoid sample), with the
+                straight-through gradient of sigmoid((l + n) / tau);
+  "st"          deterministic straight-through: g = 1[l > 0], gradient of sigmoid(l / tau);
+  "gumbel_soft" relaxed: g = sigmoid((l + n) / tau) itself in training (the forward pass sees
+                fractional gates; a frame counts as a key/value iff g > 0.5).
+At inference (`model.eval()`) every estimator gives the hard gate 1[l > 0]. The temperature tau
+lives in the model (`GateTemperature`) and the train step anneals it (`temperature_schedule`).
+Gates of padded frames are 0. `gate_init_bias` (the output bias, default 4: P(on) ~ 0.98) makes a
+fresh arbitrator keep nearly everything on, so warm-starting from a trained T-T starts from it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxspeech.models.config import TransducerConfig, dense, layer_norm
+
+ARBITRATORS = ("none", "acoustic", "acoustic+block")
+ESTIMATORS = ("gumbel_st", "st", "gumbel_soft")
+
+
+class GateTemperature(nnx.Variable):
+    """The relaxation temperature tau (a non-trainable scalar, set by the train step)."""
+
+
+def temperature_schedule(start: float, end: float, num_steps: int):
+    """tau(step): exponential interpolation from `start` (step 0) to `end` (step num_steps)."""
+
+    def schedule(step):
+        frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(num_steps, 1), 0.0, 1.0)
+        return start * (end / start) ** frac
+
+    return schedule
+
+
+def hard(gate: jax.Array) -> jax.Array:
+    """The binary decision of a gate value (forward value > 0.5), without gradient."""
+    return jax.lax.stop_gradient(gate) > 0.5
+
+
+def relaxed_gates(
+    logits: jax.Array, estimator: str, temperature, key: jax.Array | None
+) -> jax.Array:
+    """Training-time gate values from logits (see the module docstring); key None = no noise."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"gate_estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    noisy = logits
+    if estimator != "st" and key is not None:
+        noisy = logits + jax.random.logistic(key, logits.shape, logits.dtype)
+    soft = jax.nn.sigmoid(noisy / temperature)
+    if estimator == "gumbel_soft":
+        return soft
+    return (noisy > 0).astype(soft.dtype) + (soft - jax.lax.stop_gradient(soft))  # exactly 0/1
+
+
+class Arbitrator(nnx.Module):
+    """Gate logits for the attention and feed-forward components of every encoder layer."""
+
+    def __init__(self, cfg: TransducerConfig, *, rngs: nnx.Rngs):
+        if cfg.arbitrator not in ARBITRATORS[1:]:
+            raise ValueError(f"arbitrator must be one of {ARBITRATORS}, got {cfg.arbitrator!r}")
+        d, a, n = cfg.d_model, cfg.arbitrator_dim, cfg.num_layers
+        self.num_layers = n
+        self.estimator = cfg.gate_estimator
+        self.norm = layer_norm(d, cfg, rngs=rngs)
+        self.hidden = dense(d, a, ("embed", None), cfg, rngs=rngs)
+        self.logits = dense(
+            a, 2 * n, (None, None), cfg, rngs=rngs,
+            bias_init=nnx.initializers.constant(cfg.gate_init_bias),
+        )  # fmt: skip
+        self.block = (
+            nnx.List([dense(d, 2, ("embed", None), cfg, rngs=rngs) for _ in range(n)])
+            if cfg.arbitrator == "acoustic+block"
+            else None
+        )
+        self.temperature = GateTemperature(jnp.ones((), jnp.float32))
+        self.deterministic = False  # model.eval() sets True: hard gates, no noise
+        self.rngs = rngs["gates"].fork()
+
+    def acoustic_logits(self, x: jax.Array) -> jax.Array:
+        """x [B,T,D] (subsampled frames) -> logits [num_layers, 2, B, T] (2: attention, FFN)."""
+        h = jax.nn.gelu(self.hidden(self.norm(x)))
+        logits = self.logits(h).astype(jnp.float32)  # [B, T, 2L]
+        b, t, _ = logits.shape
+        return jnp.moveaxis(logits.reshape(b, t, self.num_layers, 2), (2, 3), (0, 1))
+
+    def block_logits(self, layer: int, x_normed: jax.Array) -> jax.Array | None:
+        """Layer `layer`'s additive logits [2, B, T] from its normalized block input, or None."""
+        if self.block is None:
+            return None
+        return jnp.moveaxis(self.block[layer](x_normed).astype(jnp.float32), -1, 0)
+
+    def gates(self, logits: jax.Array, valid: jax.Array) -> jax.Array:
+        """Gate values (same shape as logits [..., B, T]); valid [B, T] bool (padding -> 0)."""
+        if self.deterministic:
+            g = (logits > 0).astype(jnp.float32)
+        else:
+            key = self.rngs() if self.estimator != "st" else None
+            g = relaxed_gates(logits, self.estimator, self.temperature[...], key)
+        return jnp.where(valid, g, 0.0)

@@ -1,0 +1,146 @@
+r"""Arbitrated encoder: executed compute and measured streaming wall time against a baseline.
+
+  python scripts/bench_arbitrator.py --workdir runs/arbitrator/arbitrator_4 \
+      --baseline runs/arbitrator/none --utterances 200
+
+For the first `--utterances` of the test split: the executed encoder FLOPs under the model's
+hard gates (`jaxspeech.models.flops`; the gated Transformer stack with its arbitrator, and the
+whole encoder with the convolutional front end) as a fraction of the baseline model's, and the
+wall time of streaming each utterance alone (batch 1, chunk by chunk through the jitted
+`encode_step`, as an on-device recognizer runs) with gated-off components skipped, with them
+computed and masked, and for the baseline, each timed in the same run after a warm-up (compile)
+pass. Ratios < 1 mean faster than the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspeech import features
+from jaxspeech.data import sources
+from jaxspeech.models import flops
+from jaxspeech.train import evaluate
+
+EVAL_BATCH = 32
+
+
+def test_features(config, n: int, data_dir: str = "") -> list[np.ndarray]:
+    """Log-mel features [T, F] of the first n utterances of the config's test split."""
+    source = sources.open_source(config.data.test, data_dir=data_dir or None)
+    log_mel = jax.jit(features.log_mel)
+    out = []
+    for i in range(min(n, len(source))):
+        audio = np.asarray(source[i]["audio"], np.float32)[None]
+        feats, lengths = log_mel(jnp.asarray(audio), jnp.array([audio.shape[1]]))
+        out.append(np.asarray(feats[0, : int(lengths[0])]))
+    return out
+
+
+def _padded(batch: list[np.ndarray], multiple: int):
+    t = -(-max(f.shape[0] for f in batch) // multiple) * multiple
+    x = np.zeros((len(batch), t, batch[0].shape[1]), np.float32)
+    for i, f in enumerate(batch):
+        x[i, : f.shape[0]] = f
+    return jnp.asarray(x), jnp.array([f.shape[0] for f in batch], jnp.int32)
+
+
+def executed_flops(model, feats: list[np.ndarray]) -> dict[str, float]:
+    """Summed per-utterance FLOPs (`flops.encoder_flops` keys) under the model's hard gates."""
+    from flax import nnx
+
+    model.eval()
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def count(state, x, lengths):
+        m = nnx.merge(graphdef, state)
+        _, enc_lengths, trace = m.encode_with_trace(x, lengths)
+        return flops.encoder_flops(m.cfg, enc_lengths, trace.attn.shape[-1], trace.attn, trace.ffn)
+
+    totals: dict[str, float] = {}
+    for i in range(0, len(feats), EVAL_BATCH):
+        x, lengths = _padded(feats[i : i + EVAL_BATCH], 400)  # one compile per 4 s of padding
+        for k, v in count(state, x, lengths).items():
+            totals[k] = totals.get(k, 0.0) + float(jnp.sum(v))
+    return totals
+
+
+def stream_seconds(model, feats: list[np.ndarray], *, skip: bool, repeats: int = 3) -> float:
+    """Wall seconds to stream every utterance alone through the jitted `encode_step`: the best of
+    `repeats` passes, after one untimed warm-up (compile) pass over the first utterance."""
+    from flax import nnx
+
+    model.eval()
+    graphdef, state = nnx.split(model)
+    n = model.feat_chunk_size
+
+    @jax.jit
+    def step(state, stream, chunk, length):
+        return nnx.merge(graphdef, state).encode_step(stream, chunk, length, skip=skip)
+
+    def run(utterance):
+        x, _ = _padded([utterance], n)
+        stream = model.encode_init_state(1)
+        out = None
+        for i in range(x.shape[1] // n):
+            length = jnp.clip(utterance.shape[0] - i * n, 0, n).astype(jnp.int32)[None]
+            stream, out = step(state, stream, x[:, i * n : (i + 1) * n], length)
+        jax.block_until_ready(out)
+
+    run(feats[0])
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for f in feats:
+            run(f)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure(workdir: str, baseline: str, n: int, data_dir: str = "", repeats: int = 3) -> dict:
+    """Compute fractions and streaming wall-time ratios of `workdir` against `baseline` (both
+    timed in this call, alternately, best of `repeats` passes each)."""
+    trained = evaluate.load_trained(workdir)
+    base_model = evaluate.load_trained(baseline).model
+    feats = test_features(trained.config, n, data_dir)
+    base, ours = executed_flops(base_model, feats), executed_flops(trained.model, feats)
+    gated = trained.model.encoder.arbitrator is not None
+    row = {
+        "utterances": len(feats),
+        "compute_gated": ours["gated"] / base["gated_full"],
+        "compute_whole": ours["whole"] / base["whole_full"],
+        "baseline_stream_s": stream_seconds(base_model, feats, skip=False, repeats=repeats),
+        "stream_s": stream_seconds(trained.model, feats, skip=gated, repeats=repeats),
+    }
+    row["stream_ratio"] = row["stream_s"] / row["baseline_stream_s"]
+    if gated:
+        row["masked_stream_s"] = stream_seconds(trained.model, feats, skip=False, repeats=repeats)
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="the arbitrated (or window) run")
+    parser.add_argument("--baseline", required=True, help="the ungated run to compare against")
+    parser.add_argument("--utterances", type=int, default=200)
+    parser.add_argument("--tfds_data_dir", default="")
+    args = parser.parse_args(argv)
+    row = measure(args.workdir, args.baseline, args.utterances, args.tfds_data_dir)
+    print(json.dumps(row, indent=1))
+    print(
+        f"compute: {100 * row['compute_gated']:.1f}% of the baseline's gated encoder, "
+        f"{100 * row['compute_whole']:.1f}% of its whole encoder; streaming wall time "
+        f"{row['stream_s']:.2f} s vs {row['baseline_stream_s']:.2f} s "
+        f"(ratio {row['stream_ratio']:.2f}) on {jax.devices()[0].device_kind}"
+    )
+    return row
+
+
+if __name__ == "__main__":
+    main()

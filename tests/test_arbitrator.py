@@ -1,0 +1,218 @@
+"""Arbitrators: gate semantics, the three executions (masked, gathered, skipping), the compute
+loss's gradient, the gate estimators and the FLOP counter against brute force and XLA."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxspeech.models import TransducerConfig, TransformerTransducer, flops
+from jaxspeech.models.arbitrator import relaxed_gates, temperature_schedule
+from jaxspeech.models.attention import chunk_mask
+
+CFG = TransducerConfig(
+    vocab_size=12,
+    d_model=32,
+    num_heads=2,
+    mlp_dim=48,
+    num_layers=2,
+    subsampling_channels=4,
+    chunk_size=4,
+    left_chunks=2,
+    predictor_dim=16,
+    joint_dim=16,
+    arbitrator="acoustic+block",
+    arbitrator_dim=8,
+    gate_init_bias=0.0,
+)
+LENGTHS = jnp.array([128, 90])
+
+
+def _model(**overrides) -> TransformerTransducer:
+    fields = {**CFG.__dict__, **overrides}
+    return TransformerTransducer(TransducerConfig(**fields), rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def feats():
+    return jax.random.normal(jax.random.key(1), (2, 128, CFG.num_mels))
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = _model()
+    m.eval()
+    return m
+
+
+def test_all_gates_on_is_the_ungated_model_exactly(feats):
+    gated, plain = _model(gate_init_bias=50.0), _model(arbitrator="none")
+    gated.eval(), plain.eval()
+    enc, _, trace = gated.encode_with_trace(feats, LENGTHS)
+    valid = np.arange(enc.shape[1])[None] < np.asarray(LENGTHS // 4)[:, None]
+    assert np.all(np.asarray(trace.attn)[:, valid] == 1) and np.all(np.asarray(trace.ffn) <= 1)
+    np.testing.assert_array_equal(enc, plain.encode(feats, LENGTHS)[0])
+
+
+def test_all_gates_off_is_residual_pass_through(feats):
+    m = _model(gate_init_bias=-50.0)
+    m.eval()
+    enc, enc_lengths, trace = m.encode_with_trace(feats, LENGTHS)
+    assert float(jnp.max(trace.attn)) == 0 and float(jnp.max(trace.ffn)) == 0
+    x, _ = m.subsampling(m._normalize(feats, LENGTHS), LENGTHS)
+    valid = (jnp.arange(x.shape[1])[None] < enc_lengths[:, None])[..., None]
+    np.testing.assert_allclose(enc, jnp.where(valid, m.encoder.norm(x), 0.0), atol=1e-6)
+    # ... and costs only the arbitrator
+    f = flops.encoder_flops(m.cfg, enc_lengths, x.shape[1], trace.attn, trace.ffn)
+    np.testing.assert_allclose(f["gated"], f["arbitrator"])
+
+
+def test_gathered_execution_equals_masked_and_counts_overflow(model, feats):
+    masked, _, trace = model.encode_with_trace(feats, LENGTHS)
+    on = np.asarray(trace.attn > 0.5), np.asarray(trace.ffn > 0.5)
+    assert 0.2 < on[0].mean() < 0.8  # a real mixture of on and off frames (bias 0)
+    t = masked.shape[1]
+    gathered, _, gtrace = model.encode_with_trace(feats, LENGTHS, capacity=t)
+    np.testing.assert_allclose(gathered, masked, atol=1e-5)
+    assert np.all(np.asarray(gtrace.dropped) == 0)
+    np.testing.assert_array_equal(gtrace.attn, trace.attn)
+    # A capacity below the busiest layer's active count drops frames and says how many. (The
+    # arbitrator reads each block's input, so later layers' gates may change once frames drop:
+    # compare the first layer's count, which does not depend on earlier drops.)
+    k = int(min(on[0][0].sum(1).min(), on[1][0].sum(1).min())) - 2
+    _, _, small = model.encode_with_trace(feats, LENGTHS, capacity=k)
+    first_layer = sum(np.maximum(o[0].sum(1) - k, 0) for o in on)
+    assert np.all(np.asarray(small.dropped) >= first_layer) and np.all(first_layer > 0)
+
+
+def test_skipping_streaming_equals_masked_streaming_and_offline(model, feats):
+    offline, enc_lengths = model.encode(feats, LENGTHS)
+    n = model.feat_chunk_size
+
+    def stream(skip):
+        step = nnx.jit(lambda m, s, f, lens: m.encode_step(s, f, lens, skip=skip))
+        state, outs = model.encode_init_state(2), []
+        for i in range(feats.shape[1] // n):
+            lens = jnp.clip(LENGTHS - i * n, 0, n).astype(jnp.int32)
+            state, out = step(model, state, feats[:, i * n : (i + 1) * n], lens)
+            outs.append(out)
+        return jnp.concatenate(outs, axis=1)
+
+    skipped, masked = stream(True), stream(False)
+    valid = (jnp.arange(offline.shape[1])[None] < enc_lengths[:, None])[..., None]
+    np.testing.assert_allclose(jnp.where(valid, skipped, 0), jnp.where(valid, masked, 0), atol=1e-5)
+    np.testing.assert_allclose(jnp.where(valid, skipped, 0), offline, atol=1e-5)
+
+
+def test_gated_streaming_refuses_lookahead(feats):
+    m = _model(lookahead_chunks=1)
+    m.eval()
+    with pytest.raises(ValueError, match="lookahead_chunks = 0"):
+        m.encode_step(m.encode_init_state(2), feats[:, : m.feat_chunk_size])
+
+
+def test_compute_loss_gradient_reaches_the_arbitrator(feats):
+    m = _model()
+    m.train()
+    labels, label_lengths = jnp.array([[1, 2, 3], [4, 5, 0]]), jnp.array([3, 2])
+    graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+
+    def term(p, r, name):
+        model = nnx.merge(graphdef, p, r, copy=True)  # dropout advances its RNG in this trace
+        return jnp.mean(model.loss_terms(feats, LENGTHS, labels, label_lengths)[name])
+
+    for name in ("compute", "rnnt"):
+        grads = jax.jit(jax.grad(term), static_argnums=2)(params, rest, name)
+        grads = grads["encoder"]["arbitrator"]
+        norms = {k: float(optax_norm(v)) for k, v in grads.items() if k != "temperature"}
+        assert norms["logits"] > 0 and norms["hidden"] > 0, (name, norms)
+    fraction = jax.jit(term, static_argnums=2)(params, rest, "compute")
+    assert 0.2 < float(fraction) < 1.0
+
+
+def optax_norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def test_gate_estimators():
+    logits = jnp.linspace(-3.0, 3.0, 13)
+    key = jax.random.key(0)
+    for estimator in ("gumbel_st", "st"):
+        g = relaxed_gates(logits, estimator, 0.5, key)
+        assert set(np.unique(np.asarray(g))) <= {0.0, 1.0}
+    # Deterministic straight-through: forward 1[l > 0], gradient of sigmoid(l / tau).
+    g = relaxed_gates(logits, "st", 0.5, None)
+    np.testing.assert_array_equal(g, (logits > 0).astype(jnp.float32))
+    grad = jax.grad(lambda x: jnp.sum(relaxed_gates(x, "st", 0.5, None)))(logits)
+    s = jax.nn.sigmoid(logits / 0.5)
+    np.testing.assert_allclose(grad, s * (1 - s) / 0.5, rtol=1e-5)
+    # Gumbel-sigmoid: the on-rate of many samples is sigmoid(logit).
+    many = relaxed_gates(jnp.full((20000,), 1.0), "gumbel_st", 1.0, key)
+    assert abs(float(many.mean()) - float(jax.nn.sigmoid(1.0))) < 0.015
+    soft = relaxed_gates(logits, "gumbel_soft", 1.0, key)
+    assert 0 < float(soft.min()) and float(soft.max()) < 1
+    with pytest.raises(ValueError, match="gate_estimator"):
+        relaxed_gates(logits, "reinforce", 1.0, key)
+    tau = temperature_schedule(1.0, 0.25, 100)
+    np.testing.assert_allclose([tau(0), tau(50), tau(100), tau(500)], [1.0, 0.5, 0.25, 0.25])
+
+
+def test_flop_counter_matches_a_brute_force_count(model, feats):
+    _, enc_lengths, trace = model.encode_with_trace(feats, LENGTHS)
+    t = trace.attn.shape[-1]
+    f = flops.encoder_flops(model.cfg, enc_lengths, t, trace.attn, trace.ffn)
+    d, m, a, n = CFG.d_model, CFG.mlp_dim, CFG.arbitrator_dim, CFG.num_layers
+    attn, ffn = np.asarray(trace.attn) > 0.5, np.asarray(trace.ffn) > 0.5
+    for b in range(2):
+        frames = int(enc_lengths[b])
+        total = frames * (2 * d * a + 2 * a * 2 * n + n * 2 * d * 2)  # arbitrator, every frame
+        for layer in range(n):
+            for q in range(frames):
+                if ffn[layer, b, q]:
+                    total += 2 * d * m + 2 * m * d
+                if not attn[layer, b, q]:
+                    continue
+                keys = [
+                    k
+                    for k in range(frames)
+                    if attn[layer, b, k]
+                    and 0 <= q // CFG.chunk_size - k // CFG.chunk_size <= CFG.left_chunks
+                ]
+                total += 4 * 2 * d * d + 2 * 2 * d * len(keys)
+        assert float(f["gated"][b]) == pytest.approx(total, rel=1e-6)
+
+
+def test_full_flop_count_matches_xla_cost_analysis():
+    """The analytic count of the ungated encoder against XLA's count of the compiled blocks
+    (full context, so XLA's dense T x T attention is exactly the counted work; XLA also counts
+    elementwise work, which the analytic count leaves out by design: within 5%)."""
+    cfg = TransducerConfig(
+        vocab_size=8, d_model=128, num_heads=2, mlp_dim=512, num_layers=2, chunk_size=4,
+        left_chunks=-1, lookahead_chunks=16, subsampling_channels=4,
+    )  # fmt: skip
+    m = TransformerTransducer(cfg, rngs=nnx.Rngs(0))
+    m.eval()
+    x = jnp.ones((1, 64, 128))
+    lengths = jnp.array([64])
+    graphdef, state = nnx.split(m.encoder)
+    blocks = jax.jit(lambda s, x: nnx.merge(graphdef, s).forward(x, lengths)[0])
+    cost = blocks.lower(state, x).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    assert bool(jnp.all(chunk_mask(64, 4, -1, 16)))
+    counted = flops.encoder_flops(cfg, lengths, 64)["gated_full"]
+    assert float(counted[0]) == pytest.approx(float(cost["flops"]), rel=0.05)
+
+
+def test_subsampling_flops_by_hand():
+    # 80 mels, 2 layers of 4 channels: layer 1 makes 2 frames x 40 bins x 4 ch x 9 taps x 1 in,
+    # layer 2 makes 1 frame x 20 bins x 4 ch x 9 taps x 4 in, projection 80 -> 32.
+    expected = 2 * (2 * 40 * 4 * 9 * 1) + 2 * (20 * 4 * 9 * 4) + 2 * 80 * 32
+    assert flops.subsampling_flops_per_frame(CFG) == expected
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="arbitrator must be"):
+        _model(arbitrator="oracle")
+    with pytest.raises(ValueError, match="gate_estimator"):
+        _model(gate_estimator="reinforce")
