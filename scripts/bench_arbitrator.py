@@ -1,7 +1,9 @@
-r"""Arbitrated encoder: executed compute and measured streaming wall time against a baseline.
+r"""Arbitrated encoder: executed compute and measured wall time against a baseline.
 
   python scripts/bench_arbitrator.py --workdir runs/arbitrator/arbitrator_4 \
       --baseline runs/arbitrator/none --utterances 200
+  python scripts/bench_arbitrator.py --synthetic --config experiments/librispeech_arbitrator.py \
+      --batch 16 --seconds 16 --keep 1,0.6,0.4,0.2
 
 For the first `--utterances` of the test split: the executed encoder FLOPs under the model's
 hard gates (`jaxspeech.models.flops`; the gated Transformer stack with its arbitrator, and the
@@ -10,6 +12,12 @@ wall time of streaming each utterance alone (batch 1, chunk by chunk through the
 `encode_step`, as an on-device recognizer runs) with gated-off components skipped, with them
 computed and masked, and for the baseline, each timed in the same run after a warm-up (compile)
 pass. Ratios < 1 mean faster than the baseline.
+
+`--synthetic` (no trained model or data): batched offline encoding of random features by the
+config's encoder with random per-frame gates keeping a fraction `--keep` of each component, timed
+three ways: ungated, masked (every frame computed, the training-time execution) and gathered (the
+active frames in fixed-capacity buffers, capacity = keep * frames * 1.25), with the gathered
+output checked against the masked one.
 """
 
 from __future__ import annotations
@@ -22,16 +30,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspeech import features
-from jaxspeech.data import sources
 from jaxspeech.models import flops
-from jaxspeech.train import evaluate
 
 EVAL_BATCH = 32
 
 
 def test_features(config, n: int, data_dir: str = "") -> list[np.ndarray]:
     """Log-mel features [T, F] of the first n utterances of the config's test split."""
+    from jaxspeech import features
+    from jaxspeech.data import sources
+
     source = sources.open_source(config.data.test, data_dir=data_dir or None)
     log_mel = jax.jit(features.log_mel)
     out = []
@@ -105,7 +113,9 @@ def stream_seconds(model, feats: list[np.ndarray], *, skip: bool, repeats: int =
 
 def measure(workdir: str, baseline: str, n: int, data_dir: str = "", repeats: int = 3) -> dict:
     """Compute fractions and streaming wall-time ratios of `workdir` against `baseline` (both
-    timed in this call, alternately, best of `repeats` passes each)."""
+    timed in this call, best of `repeats` passes each)."""
+    from jaxspeech.train import evaluate
+
     trained = evaluate.load_trained(workdir)
     base_model = evaluate.load_trained(baseline).model
     feats = test_features(trained.config, n, data_dir)
@@ -124,13 +134,99 @@ def measure(workdir: str, baseline: str, n: int, data_dir: str = "", repeats: in
     return row
 
 
+def _timed(f, *args, repeats: int = 5) -> float:
+    jax.block_until_ready(f(*args))  # compile
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def synthetic(config_path: str, batch: int, seconds: float, keeps: list[float]) -> list[dict]:
+    """Gathered vs masked vs ungated batched encoding (see the module docstring)."""
+    import importlib.util
+
+    from flax import nnx
+
+    from jaxspeech.models import TransformerTransducer
+    from jaxspeech.train import state as state_lib
+
+    spec = importlib.util.spec_from_file_location("config", config_path.split(":")[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(config_path.partition(":")[2] or None)
+    vocab = config.model.vocab_size if config.model.vocab_size > 0 else 256
+    cfg = state_lib.model_config(config.model, vocab_size=vocab, bf16=bool(config.train.bf16))
+    model = TransformerTransducer(cfg, rngs=nnx.Rngs(0))
+    model.eval()
+    encoder = model.encoder
+    graphdef, state = nnx.split(encoder)
+    t = int(seconds * 100) // cfg.subsampling_factor
+    x = jax.random.normal(jax.random.key(0), (batch, t, cfg.d_model), cfg.compute_dtype)
+    lengths = jnp.full((batch,), t, jnp.int32)
+
+    def run(state, x, attn, ffn, capacity):
+        out, trace = nnx.merge(graphdef, state).forward(
+            x, lengths, attn_gates=attn, ffn_gates=ffn, capacity=capacity
+        )
+        return out, trace.dropped
+
+    ungated = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, lengths))
+    base = _timed(ungated, state, x)
+    rows = []
+    for keep in keeps:
+        keys = jax.random.split(jax.random.key(int(keep * 1000)), 2)
+        shape = (cfg.num_layers, batch, t)
+        attn, ffn = (jax.random.bernoulli(k, keep, shape).astype(jnp.float32) for k in keys)
+        capacity = max(1, min(t, int(np.ceil(keep * t * 1.25))))
+        masked_fn = jax.jit(lambda s, x, a, f: run(s, x, a, f, None))
+        gathered_fn = jax.jit(lambda s, x, a, f, c=capacity: run(s, x, a, f, c))
+        masked_out, _ = masked_fn(state, x, attn, ffn)
+        gathered_out, dropped = gathered_fn(state, x, attn, ffn)
+        rows.append(
+            {
+                "keep": keep,
+                "capacity": capacity,
+                "dropped": int(jnp.sum(dropped)),
+                "max_abs_diff": float(jnp.max(jnp.abs(masked_out - gathered_out))),
+                "ungated_ms": 1e3 * base,
+                "masked_ms": 1e3 * _timed(masked_fn, state, x, attn, ffn),
+                "gathered_ms": 1e3 * _timed(gathered_fn, state, x, attn, ffn),
+            }
+        )
+        rows[-1]["gathered_ratio"] = rows[-1]["gathered_ms"] / rows[-1]["ungated_ms"]
+        print(json.dumps(rows[-1]))
+    print(f"{cfg.num_layers} layers, d_model {cfg.d_model}, batch {batch} x {t} frames, "
+          f"{cfg.dtype}, on {jax.devices()[0].device_kind}")  # fmt: skip
+    print("| keep | capacity | dropped | ungated ms | masked ms | gathered ms | gathered/ungated |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['keep']:.2f} | {r['capacity']} | {r['dropped']} | {r['ungated_ms']:.2f} "
+            f"| {r['masked_ms']:.2f} | {r['gathered_ms']:.2f} | {r['gathered_ratio']:.2f} |"
+        )
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True, help="the arbitrated (or window) run")
-    parser.add_argument("--baseline", required=True, help="the ungated run to compare against")
+    parser.add_argument("--workdir", help="the arbitrated (or window) run")
+    parser.add_argument("--baseline", help="the ungated run to compare against")
     parser.add_argument("--utterances", type=int, default=200)
     parser.add_argument("--tfds_data_dir", default="")
+    parser.add_argument("--synthetic", action="store_true", help="random gates, no model/data")
+    parser.add_argument("--config", default="experiments/commands_arbitrator.py")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--keep", default="1,0.6,0.4,0.2")
     args = parser.parse_args(argv)
+    if args.synthetic:
+        keeps = [float(k) for k in args.keep.split(",")]
+        return synthetic(args.config, args.batch, args.seconds, keeps)
+    if not (args.workdir and args.baseline):
+        parser.error("--workdir and --baseline are required (or --synthetic)")
     row = measure(args.workdir, args.baseline, args.utterances, args.tfds_data_dir)
     print(json.dumps(row, indent=1))
     print(

@@ -245,3 +245,54 @@ def test_sweep_squashed_tables_and_figures(trained, squashed, tmp_path, capsys):
         with open(out / png, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "| squashed tanh | 2 |" in (out / "results.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def arbitrated(trained, tmp_path_factory):
+    """experiments/commands_arbitrator.py:tiny,arbitrator,2 warm-started from the `trained` run
+    (which has no arbitrator: its parameters are copied, the arbitrator's are new)."""
+    from jaxspeech.train import loop
+
+    float_dir, tfds_dir = trained
+    config = script("commands_arbitrator", "experiments").get_config("tiny,arbitrator,2")
+    config.data.tfds_data_dir = str(tfds_dir)
+    config.train.init_from = str(float_dir)
+    config.train.num_steps = config.train.eval_every = config.train.checkpoint_every = 4
+    workdir = tmp_path_factory.mktemp("arb") / "work"
+    loop.train_and_evaluate(config, str(workdir))
+    return workdir
+
+
+def test_arbitrator_run_warm_starts_and_reports_compute(trained, arbitrated):
+    from jaxspeech.train import evaluate
+
+    with open(arbitrated / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f if '"loss"' in line]
+    assert rows and all(0 < r["compute"] <= 1.1 for r in rows)
+    base, arb = evaluate.load_trained(str(trained[0])), evaluate.load_trained(str(arbitrated))
+    np.testing.assert_array_equal(base.model.feature_norm.std[...], arb.model.feature_norm.std[...])
+    w0 = np.asarray(base.model.encoder.blocks[0].ffn.up.kernel[...])
+    w1 = np.asarray(arb.model.encoder.blocks[0].ffn.up.kernel[...])
+    assert np.corrcoef(w0.ravel(), w1.ravel())[0, 1] > 0.9  # fine-tuned from, not re-initialized
+    assert arb.model.encoder.arbitrator is not None and base.model.encoder.arbitrator is None
+
+
+def test_sweep_arbitrator_tables_and_figures(trained, arbitrated, tmp_path, capsys):
+    import shutil
+
+    float_dir, tfds_dir = trained
+    out = tmp_path / "sweep"
+    # Both cells are trained (the fixtures): the sweep measures compute and streaming wall time.
+    shutil.copytree(float_dir, out / "none")
+    shutil.copytree(arbitrated, out / "arbitrator_2")
+    args = ["--tiny", "--base", str(float_dir), "--out", str(out), "--weights", "2"]
+    args += ["--windows", "", "--utterances", "3", "--tfds_data_dir", str(tfds_dir)]
+    rows = script("sweep_arbitrator").main(args)
+    assert [r["cell"] for r in rows] == ["none", "arbitrator_2"]
+    assert rows[0]["compute_gated"] == pytest.approx(1.0)
+    assert 0 < rows[1]["compute_gated"] < 1.2 and rows[1]["stream_s"] > 0
+    assert "| arbitrator_2 |" in (out / "results.md").read_text()
+    for png in ("wer_vs_compute.png", "walltime_vs_compute.png"):
+        with open(out / png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "arbitrator_2: WER" in capsys.readouterr().out
