@@ -8,10 +8,10 @@ r"""Arbitrated encoder: executed compute and measured wall time against a baseli
 For the first `--utterances` of the test split: the executed encoder FLOPs under the model's
 hard gates (`jaxspeech.models.flops`; the gated Transformer stack with its arbitrator, and the
 whole encoder with the convolutional front end) as a fraction of the baseline model's, and the
-wall time of streaming each utterance alone (batch 1, chunk by chunk through the jitted
-`encode_step`, as an on-device recognizer runs) with gated-off components skipped, with them
-computed and masked, and for the baseline, each timed in the same run after a warm-up (compile)
-pass. Ratios < 1 mean faster than the baseline.
+wall time of streaming each utterance alone (batch 1, chunk by chunk through `encode_step` in
+one jitted loop per utterance, as an on-device recognizer runs) with gated-off components
+skipped, with them computed and masked, and for the baseline, each timed in the same run after a
+warm-up (compile) call. Ratios < 1 mean faster than the baseline.
 
 `--synthetic` (no trained model or data): batched offline encoding of random features by the
 config's encoder with random per-frame gates keeping a fraction `--keep` of each component, timed
@@ -69,44 +69,61 @@ def executed_flops(model, feats: list[np.ndarray]) -> dict[str, float]:
     def count(state, x, lengths):
         m = nnx.merge(graphdef, state)
         _, enc_lengths, trace = m.encode_with_trace(x, lengths)
-        return flops.encoder_flops(m.cfg, enc_lengths, trace.attn.shape[-1], trace.attn, trace.ffn)
+        out = flops.encoder_flops(m.cfg, enc_lengths, trace.attn.shape[-1], trace.attn, trace.ffn)
+        out["frames"] = jnp.sum(enc_lengths).astype(jnp.float32)
+        out["attn_on"] = jnp.sum(trace.attn, axis=(1, 2))  # per layer
+        out["ffn_on"] = jnp.sum(trace.ffn, axis=(1, 2))
+        return out
 
-    totals: dict[str, float] = {}
+    totals: dict = {}
     for i in range(0, len(feats), EVAL_BATCH):
         x, lengths = _padded(feats[i : i + EVAL_BATCH], 400)  # one compile per 4 s of padding
         for k, v in count(state, x, lengths).items():
-            totals[k] = totals.get(k, 0.0) + float(jnp.sum(v))
+            v = np.asarray(v, np.float64)
+            totals[k] = totals.get(k, 0.0) + (v if v.ndim == 1 and k.endswith("_on") else v.sum())
+    for k in ("attn_on", "ffn_on"):  # fraction of frames on, per layer
+        totals[k] = [round(float(v), 4) for v in totals[k] / totals["frames"]]
     return totals
 
 
 def stream_seconds(model, feats: list[np.ndarray], *, skip: bool, repeats: int = 3) -> float:
-    """Wall seconds to stream every utterance alone through the jitted `encode_step`: the best of
-    `repeats` passes, after one untimed warm-up (compile) pass over the first utterance."""
+    """Wall seconds to stream every utterance alone (batch 1) through the encoder, chunk by
+    chunk: one jitted call per utterance whose `fori_loop` runs `encode_step` for exactly the
+    utterance's chunks (as an on-device runtime would, without a host round trip per chunk).
+    The best of `repeats` passes, after an untimed warm-up (compile) call."""
     from flax import nnx
 
     model.eval()
     graphdef, state = nnx.split(model)
-    n = model.feat_chunk_size
+    n, c, d = model.feat_chunk_size, model.cfg.chunk_size, model.cfg.d_model
+    max_chunks = max(-(-f.shape[0] // n) for f in feats)
 
     @jax.jit
-    def step(state, stream, chunk, length):
-        return nnx.merge(graphdef, state).encode_step(stream, chunk, length, skip=skip)
+    def encode(state, x, length):
+        m = nnx.merge(graphdef, state)
 
-    def run(utterance):
-        x, _ = _padded([utterance], n)
-        stream = model.encode_init_state(1)
-        out = None
-        for i in range(x.shape[1] // n):
-            length = jnp.clip(utterance.shape[0] - i * n, 0, n).astype(jnp.int32)[None]
-            stream, out = step(state, stream, x[:, i * n : (i + 1) * n], length)
-        jax.block_until_ready(out)
+        def body(i, carry):
+            stream, out = carry
+            chunk = jax.lax.dynamic_slice_in_dim(x, i * n, n, axis=1)
+            lens = jnp.clip(length - i * n, 0, n).astype(jnp.int32)
+            stream, y = m.encode_step(stream, chunk, lens, skip=skip)
+            return stream, jax.lax.dynamic_update_slice_in_dim(out, y, i * c, axis=1)
 
-    run(feats[0])
+        out = jnp.zeros((1, max_chunks * c, d), m.encoder.dtype)
+        chunks = (length[0] + n - 1) // n
+        return jax.lax.fori_loop(0, chunks, body, (m.encode_init_state(1), out))[1]
+
+    inputs = []
+    for f in feats:
+        x = np.zeros((1, max_chunks * n, f.shape[1]), np.float32)
+        x[0, : f.shape[0]] = f
+        inputs.append((jnp.asarray(x), jnp.array([f.shape[0]], jnp.int32)))
+    jax.block_until_ready(encode(state, *inputs[0]))
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        for f in feats:
-            run(f)
+        for x, length in inputs:
+            jax.block_until_ready(encode(state, x, length))
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -125,6 +142,8 @@ def measure(workdir: str, baseline: str, n: int, data_dir: str = "", repeats: in
         "utterances": len(feats),
         "compute_gated": ours["gated"] / base["gated_full"],
         "compute_whole": ours["whole"] / base["whole_full"],
+        "attn_on": ours["attn_on"],
+        "ffn_on": ours["ffn_on"],
         "baseline_stream_s": stream_seconds(base_model, feats, skip=False, repeats=repeats),
         "stream_s": stream_seconds(trained.model, feats, skip=gated, repeats=repeats),
     }
