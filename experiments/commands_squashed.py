@@ -14,6 +14,13 @@ The whole sweep (every method x bit width, the table, histograms and uniformity 
 
   python scripts/sweep_squashed.py --base runs/commands_tt --out runs/squashed
 
+`scratch` (e.g. `:scratch,tanh,2`) trains from random weights with the main job's whole recipe
+(`experiments/commands_tt.py`: same steps, learning rate and schedule), float for the first
+`SCRATCH_FLOAT_STEPS` steps (w = a f(theta), unquantized), then quantization-aware: the paper's
+setting. `:scratch,float` is the main job itself. The from-scratch sweep:
+
+  python scripts/sweep_squashed.py --scratch --base runs/commands_tt --out runs/squashed_scratch
+
 `tiny` (e.g. `:tiny,tanh,2`) trains the tiny model from scratch for a few steps (tests, demos).
 """
 
@@ -34,6 +41,8 @@ STEPS, LR, WARMUP, REG = 600, 5e-4, 50, 0.1
 # (measured: bin-occupancy entropy unchanged from the float model's, experiments/RESULTS.md).
 AMPLITUDE_INIT = "std"
 BASE_WORKDIR = "runs/commands_tt"
+# From scratch: float steps before quantization starts (the main job's learning-rate warm-up).
+SCRATCH_FLOAT_STEPS = 300
 
 
 def _commands_tt(arg):
@@ -44,26 +53,27 @@ def _commands_tt(arg):
     return module.get_config(arg)
 
 
-def parse(arg: str | None) -> tuple[bool, str, int, int]:
-    """'tiny,tanh,2,a8' -> (tiny, method, bits, activation bits); defaults: not tiny, tanh, 2
-    bits, float activations."""
+def parse(arg: str | None) -> tuple[str, str, int, int]:
+    """'tiny,tanh,2,a8' -> (recipe, method, bits, activation bits); recipe: 'finetune' (the
+    default), 'scratch' or 'tiny'; defaults: tanh, 2 bits, float activations."""
     tokens = [t for t in (arg or "").split(",") if t]
-    tiny = "tiny" in tokens
+    recipes = [t for t in tokens if t in ("tiny", "scratch")]
     act_bits = 8 if "a8" in tokens else 0
-    rest = [t for t in tokens if t not in ("tiny", "a8")]
+    rest = [t for t in tokens if t not in ("tiny", "scratch", "a8")]
     method = next((t for t in rest if t in METHODS), "tanh")
     bits = [int(t) for t in rest if t.isdigit()]
     unknown = [t for t in rest if t not in METHODS and not t.isdigit()]
-    if unknown or len(bits) > 1 or (bits and bits[0] not in range(1, 9)):
+    if unknown or len(bits) > 1 or (bits and bits[0] not in range(1, 9)) or len(recipes) > 1:
         raise ValueError(
-            f"unknown variant {arg!r}; use '[tiny,]METHOD[,BITS][,a8]' with METHOD in {METHODS} "
-            "and BITS in 1..8, e.g. commands_squashed.py:tanh,2"
+            f"unknown variant {arg!r}; use '[tiny|scratch,]METHOD[,BITS][,a8]' with METHOD in "
+            f"{METHODS} and BITS in 1..8, e.g. commands_squashed.py:tanh,2"
         )
-    return tiny, method, bits[0] if bits else 2, act_bits
+    return (recipes or ["finetune"])[0], method, bits[0] if bits else 2, act_bits
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    tiny, method, bits, act_bits = parse(arg)
+    recipe, method, bits, act_bits = parse(arg)
+    tiny = recipe == "tiny"
     c = _commands_tt("tiny" if tiny else None)
     c.model.activation_bits = act_bits
     c.quant = quantize.default_config(
@@ -75,6 +85,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     if tiny:  # from scratch, a handful of steps
         c.quant.warmup_steps = 2
+        return c
+    if recipe == "scratch":  # the main job's recipe, quantized after a float warm-up
+        c.quant.warmup_steps = SCRATCH_FLOAT_STEPS
         return c
     c.train.init_from = BASE_WORKDIR
     c.train.num_steps = STEPS

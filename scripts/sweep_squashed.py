@@ -12,6 +12,10 @@ Writes into `--out`: `results.json`, `results.md` (the WER table with artifact s
 uniformity of each model's weights), `histograms_<bits>bit.png` (one kernel's weights before
 quantization, with and without squashing, over the quantizer's bins) and `uniformity.png`
 (entropy of quantization-bin occupancy against its maximum, log2 of the level count).
+
+`--scratch` trains every quantized cell from random weights with the main job's whole recipe
+(`commands_squashed.py:scratch,<method>,<bits>`) instead; its float cell is then `--base` itself,
+the main job trained with that same recipe (checked: the configs agree), not retrained.
 """
 
 import argparse
@@ -56,8 +60,10 @@ def exporter():
 
 def cell_config(method: str, bits: int, args):
     cell = [method] if method == "float" else [method, str(bits)]
-    config = experiment().get_config(",".join(["tiny"] * args.tiny + cell))
-    config.train.init_from = args.base
+    recipe = ["tiny"] if args.tiny else ["scratch"] * args.scratch  # tiny: from scratch already
+    config = experiment().get_config(",".join(recipe + cell))
+    if not args.scratch:
+        config.train.init_from = args.base
     if args.steps:
         config.train.num_steps = args.steps
         config.train.eval_every = config.train.checkpoint_every = args.steps
@@ -100,10 +106,40 @@ def kernel_stats(trainable, rules, bits: int) -> tuple[float, dict[str, np.ndarr
     return float(np.mean([e / bits for e in entropies.values()])), weights
 
 
+def same_recipe(a, b) -> list[str]:
+    """The config fields (dotted) where two configs differ; data locations, and the quant section
+    when both are unquantized, aside."""
+    flat_a, flat_b = (dict(_flatten(json.loads(json.dumps(c.to_dict())))) for c in (a, b))
+    unquantized = not flat_a.get("quant.enabled") and not flat_b.get("quant.enabled")
+    return sorted(
+        k for k in flat_a.keys() | flat_b.keys()
+        if flat_a.get(k) != flat_b.get(k)
+        and not k.startswith("data.tfds_data_dir")
+        and not (unquantized and k.startswith("quant."))
+    )
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
 def run_cell(method: str, bits: int, args) -> dict:
     name = "float" if method == "float" else f"{method}_{bits}"
     workdir = os.path.join(args.out, name)
     config = cell_config(method, bits, args)
+    if args.scratch and method == "float":  # the main job is the float cell
+        workdir = args.base
+        differ = same_recipe(config, evaluate.load_config(workdir))
+        if differ:
+            raise SystemExit(
+                f"--base {workdir} was not trained with the main job's recipe (config fields "
+                f"{differ} differ from commands_squashed.py:scratch,float); retrain it with "
+                "`python scripts/train.py --config experiments/commands_tt.py`"
+            )
     start = time.perf_counter()
     if not os.path.exists(os.path.join(workdir, "eval.json")):
         loop.train_and_evaluate(config, workdir)
@@ -225,13 +261,18 @@ def plot_uniformity(rows: list[dict], path: str) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--base", default="runs/commands_tt", help="the trained float workdir")
+    p.add_argument(
+        "--base", default="runs/commands_tt", help="the trained float workdir (the main job)"
+    )
     p.add_argument("--out", default="runs/squashed")
     p.add_argument("--methods", default="float,identity,tanh,cdf")
     p.add_argument("--bits", default="2,3,4,8")
     p.add_argument("--steps", type=int, default=0, help="fine-tuning steps (0: the config's)")
     p.add_argument("--no_ptq", action="store_true", help="skip post-training quantization rows")
     p.add_argument("--tiny", action="store_true", help="the tiny config (tests)")
+    p.add_argument(
+        "--scratch", action="store_true", help="QAT from random weights (the main job's recipe)"
+    )
     p.add_argument("--tfds_data_dir", default="")
     args = p.parse_args(argv)
     logging.set_verbosity(logging.WARNING)

@@ -25,6 +25,10 @@ CONFIGS = [
     ("commands_arbitrator.py", "tiny,arbitrator,2"),
     ("librispeech_arbitrator.py", None),
     ("librispeech_arbitrator.py", "30,/data/LibriSpeech"),
+    ("commands_squashed.py", None),
+    ("commands_squashed.py", "identity,3"),
+    ("commands_squashed.py", "scratch,cdf,2"),
+    ("commands_squashed.py", "tiny,tanh,2,a8"),
 ]
 
 
@@ -51,6 +55,26 @@ def test_config_builds(name, arg):
     assert set(rules) >= {"batch", "embed", "mlp", "heads", "vocab", "joint"}
     for split in ("train", "validation", "test"):
         assert ":" in config.data[split]
+
+
+def test_squashed_from_scratch_is_the_main_job_recipe():
+    """The from-scratch squashed sweep reuses the main job as its float cell: same recipe."""
+    _, main = load("commands_tt.py", None)
+    module, scratch_float = load("commands_squashed.py", "scratch,float")
+    spec = importlib.util.spec_from_file_location(
+        "sweep_squashed", os.path.join(ROOT, "scripts", "sweep_squashed.py")
+    )
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    assert sweep.same_recipe(scratch_float, main) == []
+    _, tanh = load("commands_squashed.py", "scratch,tanh,2")
+    assert tanh.quant.enabled and tanh.quant.squash == "tanh" and tanh.quant.bits == 2
+    assert tanh.quant.warmup_steps == module.SCRATCH_FLOAT_STEPS
+    assert not tanh.train.init_from and tanh.train.num_steps == main.train.num_steps
+    _, finetune = load("commands_squashed.py", "float")  # the fine-tuning recipe differs
+    assert {"train.init_from", "train.num_steps"} <= set(sweep.same_recipe(finetune, main))
+    with pytest.raises(ValueError, match="tiny.scratch"):
+        load("commands_squashed.py", "tiny,scratch,tanh")
 
 
 def test_locked_config_rejects_unknown_keys():
