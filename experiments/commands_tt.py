@@ -111,6 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             weight_decay=1e-2,
             grad_clip_norm=1.0,
             arbitrator_lr_scale=1.0,  # learning-rate multiplier of arbitrator parameters
+            theta_lr_scale=1.0,  # learning-rate multiplier of squashed kernels' theta
         )
     )
 

@@ -407,3 +407,32 @@ def test_model_with_8bit_activations():
     np.testing.assert_allclose(dense8(x), dense0(x), atol=0.05)
     with pytest.raises(ValueError, match="activation_bits"):
         TransducerConfig(vocab_size=11, activation_bits=9)
+
+
+def test_theta_lr_scale_multiplies_only_squashed_theta_updates():
+    import ml_collections
+
+    from jaxspeech.train import quantize
+    from jaxspeech.train import state as state_lib
+
+    trainable = quantize.to_trainable(_tree(jax.random.key(7)), RULES)
+    grads = jax.tree.map(jnp.ones_like, trainable)
+    optim = dict(
+        learning_rate=1e-2, warmup_steps=1, schedule="constant", end_lr_fraction=1.0,
+        grad_clip_norm=1e9, b1=0.9, b2=0.98, eps=1e-9, weight_decay=0.0,
+    )  # fmt: skip
+
+    def second_update(scale):
+        cfg = ml_collections.ConfigDict(dict(optim, theta_lr_scale=scale))
+        tx, _ = state_lib.make_optimizer(cfg, 10, RULES)
+        _, state = tx.update(grads, tx.init(trainable), trainable)  # step 0: warm-up, rate 0
+        updates, _ = tx.update(grads, state, trainable)
+        return {qat.path_str(kp): u for kp, u in jax.tree_util.tree_flatten_with_path(updates)[0]}
+
+    base, scaled = second_update(1.0), second_update(10.0)
+    squashed = {f"theta/encoder/layers/{i}/mlp/kernel" for i in (0, 1)}
+    squashed.add("theta/predictor/conv/kernel")
+    for path, u in base.items():
+        factor = 10.0 if path in squashed else 1.0  # joint: plain QAT; bias, norm, amplitudes
+        np.testing.assert_allclose(scaled[path], factor * u, rtol=1e-6, err_msg=path)
+    assert np.abs(base["theta/predictor/conv/kernel"]).max() > 0

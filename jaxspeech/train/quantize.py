@@ -118,6 +118,19 @@ def regularizer(trainable, rules, weight: float):
     return qat.qat_regularizer(as_qat_params(trainable), rules, weight)
 
 
+def squashed_mask(trainable, rules):
+    """True at the thetas of squashed kernels (w = a f(theta), f not the identity)."""
+
+    def squashed(kp, leaf):
+        rule = qat.match_rule(qat.path_str(kp), leaf, rules)
+        return rule is not None and rule.squash != "identity"
+
+    return {
+        "theta": jax.tree_util.tree_map_with_path(squashed, trainable["theta"]),
+        "amplitudes": jax.tree.map(lambda a: False, trainable["amplitudes"]),
+    }
+
+
 def decay_mask(trainable, rules):
     """True where AdamW's weight decay applies (see the module docstring)."""
     if rules is None:

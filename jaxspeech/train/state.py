@@ -84,7 +84,10 @@ def make_optimizer(optim_cfg, num_steps: int, quant_rules=None):
     """Global-norm clipping then AdamW; weight decay only on matrices (not biases, norms; under
     QAT not on squashed thetas or amplitudes, see `quantize.decay_mask`). The arbitrators' updates
     are scaled by `optim.arbitrator_lr_scale` (default 1): fresh gates on a warm-started model
-    must move much further than the trained weights."""
+    must move much further than the trained weights. The squashed kernels' thetas (QAT) by
+    `optim.theta_lr_scale` (default 1): Adam moves every parameter by about the learning rate,
+    but theta's scale is ~1 (its regularizer's target) where a plain kernel's is ~fan_in^-1/2, so a
+    squashed kernel learns that many times slower, relatively, than a plain one."""
     schedule = learning_rate_schedule(optim_cfg, num_steps)
     decay_mask = lambda params: quantize.decay_mask(params, quant_rules)
     arbitrator_scale = float(optim_cfg.get("arbitrator_lr_scale", 1.0))
@@ -101,6 +104,10 @@ def make_optimizer(optim_cfg, num_steps: int, quant_rules=None):
     )
     if arbitrator_scale != 1.0:
         tx = optax.chain(tx, scale_module_updates("arbitrator", arbitrator_scale))
+    theta_scale = float(optim_cfg.get("theta_lr_scale", 1.0))
+    if theta_scale != 1.0 and quant_rules is not None:
+        squashed = lambda params: quantize.squashed_mask(params, quant_rules)
+        tx = optax.chain(tx, optax.masked(optax.scale(theta_scale), squashed))
     return tx, schedule
 
 
