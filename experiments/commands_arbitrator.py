@@ -14,7 +14,8 @@ Options for `arbitrator` cells: `block` (the arbitrator also reads each block's 
 straight-through), `tiny` (the tiny model from scratch, a few steps: tests, demos).
 `scratch` (any cell) trains from random weights with the main job's whole recipe
 (`experiments/commands_tt.py`: same steps, learning rate and schedule) instead of fine-tuning,
-the arbitrators jointly from the first step (the paper's setting); `none,scratch` is the main job.
+the arbitrators jointly from the first step (the paper's setting), the compute loss off for the
+first half and ramped in after (`SCRATCH_COMPUTE_RAMP`); `none,scratch` is the main job.
 
   python scripts/train.py --config experiments/commands_arbitrator.py:arbitrator,4 \
       --workdir runs/arbitrator/arbitrator_4
@@ -42,6 +43,10 @@ BASE_WORKDIR = "runs/commands_tt"
 # From scratch the peak learning rate is the main job's (2e-3): this multiplier gives the
 # arbitrators the fine-tuning recipe's learning rate, 1e-2.
 SCRATCH_ARB_LR_SCALE = 5.0
+# From scratch the compute loss waits (train.compute_ramp = (delay, ramp) steps): with it on from
+# step 0 every gate switched off within 200 steps, before the transducer loss could defend any
+# component (test WER 21.89%, experiments/RESULTS.md). Half the run ungated, then a linear ramp.
+SCRATCH_COMPUTE_RAMP = (1200, 400)
 
 
 def _commands_tt(arg):
@@ -93,13 +98,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.gate_init_bias = GATE_BIAS
         c.model.compute_weight = p["value"]
         c.train.gate_temperature = TEMPERATURE
+        c.train.compute_ramp = (0, 0)  # (delay, ramp) steps of the compute loss weight
         c.optim.arbitrator_lr_scale = ARB_LR_SCALE
     elif p["method"] == "window":
         c.model.left_chunks = int(p["value"])
     if p["tiny"]:
         return c
     if p["scratch"]:
-        c.optim.arbitrator_lr_scale = SCRATCH_ARB_LR_SCALE
+        if p["method"] == "arbitrator":
+            c.optim.arbitrator_lr_scale = SCRATCH_ARB_LR_SCALE
+            c.train.compute_ramp = SCRATCH_COMPUTE_RAMP
         return c
     c.train.init_from = BASE_WORKDIR
     c.train.num_steps = STEPS

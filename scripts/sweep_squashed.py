@@ -107,15 +107,16 @@ def kernel_stats(trainable, rules, bits: int) -> tuple[float, dict[str, np.ndarr
 
 
 def same_recipe(a, b) -> list[str]:
-    """The config fields (dotted) where two configs differ; data locations, and the quant section
-    when both are unquantized, aside."""
+    """The config fields (dotted) where two configs differ; data locations aside, and, when both are
+    unquantized, the quant section and optim.theta_lr_scale (it scales squashed thetas only; older
+    workdirs' configs predate it)."""
     flat_a, flat_b = (dict(_flatten(json.loads(json.dumps(c.to_dict())))) for c in (a, b))
     unquantized = not flat_a.get("quant.enabled") and not flat_b.get("quant.enabled")
     return sorted(
         k for k in flat_a.keys() | flat_b.keys()
         if flat_a.get(k) != flat_b.get(k)
         and not k.startswith("data.tfds_data_dir")
-        and not (unquantized and k.startswith("quant."))
+        and not (unquantized and (k.startswith("quant.") or k == "optim.theta_lr_scale"))
     )
 
 

@@ -8,8 +8,10 @@ import pytest
 from flax import nnx
 
 from jaxspeech.models import TransducerConfig, TransformerTransducer, flops
-from jaxspeech.models.arbitrator import relaxed_gates, temperature_schedule
+from jaxspeech.models.arbitrator import compute_ramp, relaxed_gates, temperature_schedule
 from jaxspeech.models.attention import chunk_mask
+from jaxspeech.train import loop
+from jaxspeech.train import step as step_lib
 
 CFG = TransducerConfig(
     vocab_size=12,
@@ -149,6 +151,47 @@ def test_compute_loss_gradient_reaches_the_arbitrator(feats):
         norms = {k: float(optax_norm(v)) for k, v in g.items() if k != "temperature"}
         assert norms["logits"] > 0 and norms["hidden"] > 0, (name, norms)
     assert 0.2 < float(fraction) < 1.0
+
+
+def test_compute_ramp_delays_the_compute_loss(feats):
+    """train.compute_ramp = (delay, ramp): the compute term's weight is 0 during the delay, then
+    rises linearly; the train step's loss sums use the scaled weight and report the raw term."""
+    ramp = compute_ramp(3, 4)
+    steps = (0, 2, 3, 4, 6, 7, 100)
+    np.testing.assert_allclose([ramp(s) for s in steps], [0, 0, 0.25, 0.5, 1, 1, 1])
+    np.testing.assert_allclose([compute_ramp(2, 0)(s) for s in (0, 1, 2)], [0, 0, 1])
+    with pytest.raises(ValueError, match="compute_ramp"):
+        compute_ramp(-1, 10)
+    m = _model(compute_weight=50.0, gate_estimator="st", dropout=0.0)
+    m.train()  # straight-through gates: a gradient; deterministic: the same gates at every scale
+    graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+    batch = {
+        "labels": jnp.array([[1, 2, 3], [4, 5, 0]]),
+        "label_lengths": jnp.array([3, 2]),
+        "audio_lengths": jnp.array([1, 1]),
+    }
+
+    @jax.jit
+    def sums(p, scale):
+        return step_lib._loss_sums(nnx.merge(graphdef, p, rest), batch, feats, LENGTHS, scale)
+
+    def arbitrator_grad(loss):
+        g = jax.grad(loss)(params)["encoder"]["arbitrator"]
+        g = {k: v for k, v in g.items() if k != "temperature"}
+        return np.concatenate([np.ravel(v) for v in jax.tree.leaves(g)])
+
+    (off, _, _, t_off), (half, _, _, t_half) = sums(params, 0.0), sums(params, 0.5)
+    assert float(t_off["compute"]) > 0 and t_off["compute"] == t_half["compute"]  # raw term
+    np.testing.assert_allclose(off, t_off["rnnt"], rtol=1e-6)
+    np.testing.assert_allclose(half, t_off["rnnt"] + 25.0 * t_off["compute"], rtol=1e-5)
+    g_rnnt = arbitrator_grad(lambda p: sums(p, 0.0)[3]["rnnt"])
+    g_off, g_on = (arbitrator_grad(lambda p, s=s: sums(p, s)[0]) for s in (0.0, 1.0))
+    np.testing.assert_allclose(g_off, g_rnnt, rtol=1e-5, atol=1e-6)  # the compute term held off
+    assert np.linalg.norm(g_on - g_off) > 0.1 * np.linalg.norm(g_off)
+    cfg = m.cfg
+    train_cfg = {"compute_ramp": (0, 0)}
+    assert loop._compute_ramp(cfg, train_cfg) is None  # the default: no ramp
+    assert float(loop._compute_ramp(cfg, {"compute_ramp": (3, 4)})(4)) == 0.5
 
 
 def optax_norm(tree):

@@ -68,9 +68,17 @@ def test_squashed_from_scratch_is_the_main_job_recipe():
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
     assert sweep.same_recipe(scratch_float, main) == []
+    older = ml_collections.ConfigDict(main.to_dict())  # a workdir from before optim.theta_lr_scale
+    del older.optim["theta_lr_scale"]
+    assert sweep.same_recipe(scratch_float, older) == []
+    older.optim.learning_rate *= 2
+    assert sweep.same_recipe(scratch_float, older) == ["optim.learning_rate"]
     _, tanh = load("commands_squashed.py", "scratch,tanh,2")
     assert tanh.quant.enabled and tanh.quant.squash == "tanh" and tanh.quant.bits == 2
     assert tanh.quant.warmup_steps == module.SCRATCH_FLOAT_STEPS
+    assert tanh.optim.theta_lr_scale == module.SCRATCH_THETA_LR_SCALE
+    _, plain = load("commands_squashed.py", "scratch,identity,2")  # no theta to scale
+    assert plain.optim.theta_lr_scale == main.optim.theta_lr_scale
     assert not tanh.train.init_from and tanh.train.num_steps == main.train.num_steps
     _, finetune = load("commands_squashed.py", "float")  # the fine-tuning recipe differs
     assert {"train.init_from", "train.num_steps"} <= set(sweep.same_recipe(finetune, main))

@@ -51,6 +51,23 @@ def temperature_schedule(start: float, end: float, num_steps: int):
     return schedule
 
 
+def compute_ramp(delay: int, ramp: int):
+    """scale(step) of the compute loss weight: 0 for the first `delay` steps, then linear to 1 over
+    `ramp` steps (1 from step `delay + ramp` on). From scratch, the transducer loss cannot yet tell
+    a useful component from a useless one, so without a delay the compute loss switches every gate
+    off before the encoder has learned anything (measured: experiments/RESULTS.md)."""
+    if delay < 0 or ramp < 0:
+        raise ValueError(f"train.compute_ramp needs (delay, ramp) >= 0, got ({delay}, {ramp})")
+
+    def schedule(step):
+        done = jnp.asarray(step, jnp.float32) - delay
+        if ramp == 0:
+            return (done >= 0).astype(jnp.float32)
+        return jnp.clip((done + 1) / ramp, 0.0, 1.0)
+
+    return schedule
+
+
 def hard(gate: jax.Array) -> jax.Array:
     """The binary decision of a gate value (forward value > 0.5), without gradient."""
     return jax.lax.stop_gradient(gate) > 0.5

@@ -217,6 +217,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         quant_rules=quant_rules,
         quant_weight=float(config.quant.regularizer_weight) if quant_rules else 0.0,
         gate_temperature=_gate_temperature(model_cfg, tc),
+        compute_ramp=_compute_ramp(model_cfg, tc),
     )
     recognizer = None
     history, batch_ids, audio_seconds, t0 = [], {}, 0.0, time.perf_counter()
@@ -343,6 +344,15 @@ def _gate_temperature(model_cfg, tc):
         return None
     start, end = tc.get("gate_temperature", (1.0, 1.0))
     return arbitrator_lib.temperature_schedule(float(start), float(end), tc.num_steps)
+
+
+def _compute_ramp(model_cfg, tc):
+    """The compute loss weight's ramp (train.compute_ramp = (delay, ramp) steps), or None: no
+    arbitrators, or no ramp ((0, 0), the default)."""
+    delay, ramp = (int(v) for v in tc.get("compute_ramp", (0, 0)))
+    if model_cfg.arbitrator == "none" or (delay, ramp) == (0, 0):
+        return None
+    return arbitrator_lib.compute_ramp(delay, ramp)
 
 
 def _load_init_model(source: str, description: dict):

@@ -16,9 +16,9 @@ Non-finite loss or gradients: the update is not applied (the state passes throug
 A skip-and-count policy only needs a different host reaction.
 
 Arbitrators (`jaxspeech.models.arbitrator`): `gate_temperature(step)` sets the gates' relaxation
-temperature before each step; the loss includes `compute_weight * compute` (the model's
-`loss`), and `compute` (the mean executed fraction of the gated encoder's FLOPs under the sampled
-gates) is reported.
+temperature before each step; the loss includes `compute_weight * compute` (the model's `loss`;
+`compute_ramp(step)` scales the weight: a delayed, ramped compute loss), and `compute` (the mean
+executed fraction of the gated encoder's FLOPs under the sampled gates) is reported.
 """
 
 from __future__ import annotations
@@ -49,11 +49,15 @@ def _features(batch, feature_cfg, spec_augment_cfg, key):
     return feats, feat_lengths
 
 
-def _loss_sums(model, batch, feats, feat_lengths):
-    """(loss sum, valid utterances, label tokens, {term: sum} of the loss terms)."""
+def _loss_sums(model, batch, feats, feat_lengths, compute_scale=None):
+    """(loss sum, valid utterances, label tokens, {term: sum} of the loss terms (unscaled)).
+    `compute_scale` multiplies the compute term's weight (a ramp; None: the model's weight)."""
     terms = model.loss_terms(feats, feat_lengths, batch["labels"], batch["label_lengths"])
     valid = (batch["audio_lengths"] > 0).astype(jnp.float32)
-    per_example = model.combine_loss_terms(terms).astype(jnp.float32) * valid
+    weighted = dict(terms)
+    if compute_scale is not None and "compute" in terms:
+        weighted["compute"] = terms["compute"] * compute_scale
+    per_example = model.combine_loss_terms(weighted).astype(jnp.float32) * valid
     num_tokens = jnp.sum(batch["label_lengths"].astype(jnp.float32) * valid)
     sums = {k: jnp.sum(v.astype(jnp.float32) * valid) for k, v in terms.items()}
     return jnp.sum(per_example), jnp.sum(valid), num_tokens, sums
@@ -84,10 +88,12 @@ def make_train_step(
     quant_rules=None,
     quant_weight: float = 0.0,
     gate_temperature=None,
+    compute_ramp=None,
 ):
     """Returns `train_step(state, batch) -> (state, metrics)`, jitted with donation of `state`.
 
-    `gate_temperature`: step -> arbitrator gate temperature (None: the model's stored value)."""
+    `gate_temperature`: step -> arbitrator gate temperature (None: the model's stored value).
+    `compute_ramp`: step -> multiplier of the compute loss weight (None: 1)."""
     spec_augment_cfg = None if spec_augment_cfg is None else dict(spec_augment_cfg)
     base_key = jax.random.key(seed)
 
@@ -102,7 +108,8 @@ def make_train_step(
                 graphdef, params, _with_temperature(state["rest"], gate_temperature, step)
             )
             model.train()
-            total, count, tokens, sums = _loss_sums(model, batch, feats, feat_lengths)
+            scale = None if compute_ramp is None else compute_ramp(step)
+            total, count, tokens, sums = _loss_sums(model, batch, feats, feat_lengths, scale)
             loss = total / jnp.maximum(count, 1.0)
             reg = quantize.regularizer(trainable, quant_rules, quant_weight)
             # The updated non-parameter state (dropout RNG counters) leaves through the aux.
@@ -136,6 +143,8 @@ def make_train_step(
             metrics["quant_regularizer"] = reg
         if "compute" in sums:
             metrics["compute"] = sums["compute"] / jnp.maximum(count, 1.0)
+        if compute_ramp is not None:
+            metrics["compute_weight_scale"] = compute_ramp(step)
         return new, metrics
 
     kwargs = {}
