@@ -188,10 +188,8 @@ def test_compute_ramp_delays_the_compute_loss(feats):
     g_off, g_on = (arbitrator_grad(lambda p, s=s: sums(p, s)[0]) for s in (0.0, 1.0))
     np.testing.assert_allclose(g_off, g_rnnt, rtol=1e-5, atol=1e-6)  # the compute term held off
     assert np.linalg.norm(g_on - g_off) > 0.1 * np.linalg.norm(g_off)
-    cfg = m.cfg
-    train_cfg = {"compute_ramp": (0, 0)}
-    assert loop._compute_ramp(cfg, train_cfg) is None  # the default: no ramp
-    assert float(loop._compute_ramp(cfg, {"compute_ramp": (3, 4)})(4)) == 0.5
+    assert loop._compute_ramp(m.cfg, {"compute_ramp": (0, 0)}) is None  # the default: no ramp
+    assert float(loop._compute_ramp(m.cfg, {"compute_ramp": (3, 4)})(4)) == 0.5
 
 
 def optax_norm(tree):
