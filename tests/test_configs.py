@@ -76,12 +76,14 @@ def test_squashed_from_scratch_is_the_main_job_recipe():
     _, tanh = load("commands_squashed.py", "scratch,tanh,2")
     assert tanh.quant.enabled and tanh.quant.squash == "tanh" and tanh.quant.bits == 2
     assert tanh.quant.warmup_steps == module.SCRATCH_FLOAT_STEPS
-    assert tanh.optim.theta_lr_scale == module.SCRATCH_THETA_LR_SCALE
+    assert tanh.optim.theta_lr_scale == module.THETA_LR_SCALE
     _, plain = load("commands_squashed.py", "scratch,identity,2")  # no theta to scale
     assert plain.optim.theta_lr_scale == main.optim.theta_lr_scale
     assert not tanh.train.init_from and tanh.train.num_steps == main.train.num_steps
     _, finetune = load("commands_squashed.py", "float")  # the fine-tuning recipe differs
     assert {"train.init_from", "train.num_steps"} <= set(sweep.same_recipe(finetune, main))
+    _, cdf = load("commands_squashed.py", "cdf,3")  # fine-tuning scales theta too
+    assert cdf.optim.theta_lr_scale == module.THETA_LR_SCALE and cdf.train.init_from
     with pytest.raises(ValueError, match="tiny.scratch"):
         load("commands_squashed.py", "tiny,scratch,tanh")
 
