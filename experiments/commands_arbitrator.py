@@ -11,7 +11,8 @@ a fixed number of steps. The argument picks the cell, comma-separated:
 
 Options for `arbitrator` cells: `block` (the arbitrator also reads each block's input,
 `acoustic+block`), `st` / `gumbel_soft` (other gate estimators than Gumbel-sigmoid
-straight-through), `tiny` (the tiny model from scratch, a few steps: tests, demos).
+straight-through), `chunk` (one gate decision per 8-frame attention chunk, `model.gate_per_chunk`:
+streaming skips whole chunks), `tiny` (the tiny model from scratch, a few steps: tests, demos).
 `scratch` (any cell) trains from random weights with the main job's whole recipe
 (`experiments/commands_tt.py`: same steps, learning rate and schedule) instead of fine-tuning,
 the arbitrators jointly from the first step (the paper's setting), the compute loss off for the
@@ -60,7 +61,7 @@ def _commands_tt(arg):
 def parse(arg: str | None) -> dict:
     """'arbitrator,4,block' -> {'tiny': False, 'method': 'arbitrator', 'value': 4.0, ...}."""
     tokens = [t for t in (arg or "").split(",") if t]
-    flags = {"tiny", "scratch", "block", "st", "gumbel_soft"}
+    flags = {"tiny", "scratch", "block", "st", "gumbel_soft", "chunk"}
     rest = [t for t in tokens if t not in flags]
     method = rest[0] if rest else "arbitrator"
     values = rest[1:]
@@ -72,7 +73,8 @@ def parse(arg: str | None) -> dict:
     ok = ok and not ("tiny" in tokens and "scratch" in tokens)
     if not ok or (method == "window" and (value != int(value) or value < 0)):
         raise ValueError(
-            f"unknown variant {arg!r}; use 'none', 'arbitrator[,WEIGHT][,block][,st|gumbel_soft]' "
+            f"unknown variant {arg!r}; use 'none', "
+            "'arbitrator[,WEIGHT][,block][,chunk][,st|gumbel_soft]' "
             "or 'window,LEFT_CHUNKS' (optionally with 'tiny' or 'scratch'), e.g. "
             "commands_arbitrator.py:"
             "arbitrator,4"
@@ -84,6 +86,7 @@ def parse(arg: str | None) -> dict:
         method=method,
         value=value,
         block="block" in tokens,
+        chunk="chunk" in tokens,
         estimator=estimator or "gumbel_st",
     )
 
@@ -95,6 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.arbitrator = "acoustic+block" if p["block"] else "acoustic"
         c.model.arbitrator_dim = 8 if p["tiny"] else ARB_DIM
         c.model.gate_estimator = p["estimator"]
+        c.model.gate_per_chunk = p["chunk"]
         c.model.gate_init_bias = GATE_BIAS
         c.model.compute_weight = p["value"]
         c.train.gate_temperature = TEMPERATURE

@@ -61,6 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             gate_estimator="gumbel_st",
             gate_init_bias=4.0,
             compute_weight=0.0,
+            gate_per_chunk=False,  # one gate decision per attention chunk (streaming skips)
             joint_dim=32 if tiny else D_MODEL,
             dtype="float32",
             param_dtype="float32",

@@ -104,23 +104,48 @@ def test_gathered_execution_equals_masked_and_counts_overflow(model, feats, mask
     assert np.all(np.asarray(small.dropped) >= first_layer) and np.all(first_layer > 0)
 
 
+def stream(model, feats, skip):
+    """The encoder output of `model.encode_step` fed chunk by chunk."""
+    n = model.feat_chunk_size
+    step = nnx.jit(lambda m, s, f, lens: m.encode_step(s, f, lens, skip=skip))
+    state, outs = model.encode_init_state(2), []
+    for i in range(feats.shape[1] // n):
+        lens = jnp.clip(LENGTHS - i * n, 0, n).astype(jnp.int32)
+        state, out = step(model, state, feats[:, i * n : (i + 1) * n], lens)
+        outs.append(out)
+    return jnp.concatenate(outs, axis=1)
+
+
 def test_skipping_streaming_equals_masked_streaming_and_offline(model, feats, masked):
     offline, enc_lengths, _ = masked
-    n = model.feat_chunk_size
-
-    def stream(skip):
-        step = nnx.jit(lambda m, s, f, lens: m.encode_step(s, f, lens, skip=skip))
-        state, outs = model.encode_init_state(2), []
-        for i in range(feats.shape[1] // n):
-            lens = jnp.clip(LENGTHS - i * n, 0, n).astype(jnp.int32)
-            state, out = step(model, state, feats[:, i * n : (i + 1) * n], lens)
-            outs.append(out)
-        return jnp.concatenate(outs, axis=1)
-
-    skipped, masked = stream(True), stream(False)
+    skipped, masked = stream(model, feats, True), stream(model, feats, False)
     valid = (jnp.arange(offline.shape[1])[None] < enc_lengths[:, None])[..., None]
     np.testing.assert_allclose(jnp.where(valid, skipped, 0), jnp.where(valid, masked, 0), atol=1e-5)
     np.testing.assert_allclose(jnp.where(valid, skipped, 0), offline, atol=1e-5)
+
+
+def test_per_chunk_gates_decide_once_per_chunk_and_stream_exactly(feats):
+    m = _model(gate_per_chunk=True)
+    m.eval()
+    c = m.cfg.chunk_size
+    # Brute force: a frame's gate is 1[mean logit of its chunk's valid frames > 0].
+    logits = jax.random.normal(jax.random.key(3), (2, 2, 10))  # [gates, B, T]; T % c != 0
+    lengths = np.array([10, 6])
+    valid = np.arange(10)[None] < lengths[:, None]
+    got = np.asarray(m.encoder.arbitrator.gates(logits, jnp.asarray(valid)))
+    want = np.zeros(got.shape)
+    for b, n in enumerate(lengths):
+        for k in range(0, n, c):
+            frames = slice(k, min(k + c, n))
+            want[:, b, frames] = (np.asarray(logits)[:, b, frames].mean(-1) > 0)[:, None]
+    np.testing.assert_array_equal(got, want)
+    # Offline: whole chunks on or off, a real mixture; streaming with skipping equals it.
+    offline, enc_lengths, trace = encode(m, feats)
+    t = offline.shape[1]
+    gates = np.asarray(trace.ffn)[:, 0, : t // c * c].reshape(m.cfg.num_layers, -1, c)
+    assert np.all(gates == gates[..., :1]) and 0.2 < gates.mean() < 0.8
+    valid = (jnp.arange(t)[None] < enc_lengths[:, None])[..., None]
+    np.testing.assert_allclose(jnp.where(valid, stream(m, feats, True), 0), offline, atol=1e-5)
 
 
 def test_gated_streaming_refuses_lookahead(feats):

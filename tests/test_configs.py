@@ -24,6 +24,7 @@ CONFIGS = [
     ("commands_arbitrator.py", "arbitrator,8,block,st"),
     ("commands_arbitrator.py", "tiny,arbitrator,2"),
     ("commands_arbitrator.py", "arbitrator,32,scratch"),
+    ("commands_arbitrator.py", "arbitrator,32,scratch,chunk"),
     ("librispeech_arbitrator.py", None),
     ("librispeech_arbitrator.py", "30,/data/LibriSpeech"),
     ("commands_squashed.py", None),

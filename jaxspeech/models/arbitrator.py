@@ -19,8 +19,13 @@ Estimators (`gate_estimator`) for the binary decision g in {0, 1} (on = 1) from 
   "st"          deterministic straight-through: g = 1[l > 0], gradient of sigmoid(l / tau);
   "gumbel_soft" relaxed: g = sigmoid((l + n) / tau) itself in training (the forward pass sees
                 fractional gates; a frame counts as a key/value iff g > 0.5).
-At inference (`model.eval()`) every estimator gives the hard gate 1[l > 0]. The temperature tau
-lives in the model (`GateTemperature`) and the train step anneals it (`temperature_schedule`).
+With `gate_per_chunk` the decision is made once per attention chunk (frames [k C, (k + 1) C), the
+chunks streaming feeds) from the mean logit of the chunk's valid frames, and every frame of the
+chunk takes it: streaming then executes or skips a component for a whole chunk (per-frame gates
+mostly leave partial chunks, whose branch still runs). Gradients reach every frame's logit through
+the mean. At inference (`model.eval()`) every estimator gives the hard gate 1[l > 0]. The
+temperature tau lives in the model (`GateTemperature`) and the train step anneals it
+(`temperature_schedule`).
 Gates of padded frames are 0. `gate_init_bias` (the output bias, default 4: P(on) ~ 0.98) makes a
 fresh arbitrator keep nearly everything on, so warm-starting from a trained T-T starts from it.
 """
@@ -68,6 +73,20 @@ def compute_ramp(delay: int, ramp: int):
     return schedule
 
 
+def chunk_mean(logits: jax.Array, valid: jax.Array, chunk: int) -> jax.Array:
+    """logits [..., B, T], valid [B, T] -> the mean logit over each chunk's valid frames
+    [..., B, N] (0 for a chunk without any), N = ceil(T / chunk)."""
+    t = valid.shape[-1]
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    w = jnp.pad(valid, ((0, 0), (0, pad))).reshape(valid.shape[0], n, chunk)
+    padded = jnp.pad(logits, [(0, 0)] * (logits.ndim - 1) + [(0, pad)])
+    padded = padded.reshape(*logits.shape[:-1], n, chunk)
+    count = jnp.sum(w, axis=-1)
+    total = jnp.sum(jnp.where(w, padded, 0.0), axis=-1)
+    return total / jnp.maximum(count, 1).astype(logits.dtype)
+
+
 def hard(gate: jax.Array) -> jax.Array:
     """The binary decision of a gate value (forward value > 0.5), without gradient."""
     return jax.lax.stop_gradient(gate) > 0.5
@@ -108,6 +127,7 @@ class Arbitrator(nnx.Module):
             if cfg.arbitrator == "acoustic+block"
             else None
         )
+        self.chunk = cfg.chunk_size if cfg.gate_per_chunk else 1
         self.temperature = GateTemperature(jnp.ones((), jnp.float32))
         self.deterministic = False  # model.eval() sets True: hard gates, no noise
         self.rngs = rngs["gates"].fork()
@@ -126,10 +146,16 @@ class Arbitrator(nnx.Module):
         return jnp.moveaxis(self.block[layer](x_normed).astype(jnp.float32), -1, 0)
 
     def gates(self, logits: jax.Array, valid: jax.Array) -> jax.Array:
-        """Gate values (same shape as logits [..., B, T]); valid [B, T] bool (padding -> 0)."""
+        """Gate values (same shape as logits [..., B, T]); valid [B, T] bool (padding -> 0).
+        Per chunk (`gate_per_chunk`), T is frames from a chunk boundary on."""
+        t = valid.shape[-1]
+        if self.chunk > 1:
+            logits = chunk_mean(logits, valid, self.chunk)
         if self.deterministic:
             g = (logits > 0).astype(jnp.float32)
         else:
             key = self.rngs() if self.estimator != "st" else None
             g = relaxed_gates(logits, self.estimator, self.temperature[...], key)
+        if self.chunk > 1:
+            g = jnp.repeat(g, self.chunk, axis=-1)[..., :t]
         return jnp.where(valid, g, 0.0)

@@ -67,6 +67,9 @@ class TransducerConfig:
     gate_estimator: str = "gumbel_st"
     gate_init_bias: float = 4.0
     compute_weight: float = 0.0
+    # One gate decision per attention chunk (`chunk_size` frames, from the mean of the chunk's
+    # frame logits) instead of per frame: streaming then runs or skips whole chunks.
+    gate_per_chunk: bool = False
 
     def __post_init__(self):
         f = self.subsampling_factor
