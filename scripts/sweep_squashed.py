@@ -19,6 +19,7 @@ the main job trained with that same recipe (checked: the configs agree), not ret
 """
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -29,6 +30,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from jaxspeech.models import TransducerConfig
 from jaxspeech.quant import qat
 from jaxspeech.train import evaluate, loop, quantize
 
@@ -106,15 +108,26 @@ def kernel_stats(trainable, rules, bits: int) -> tuple[float, dict[str, np.ndarr
     return float(np.mean([e / bits for e in entropies.values()])), weights
 
 
+# Fields newer than some workdirs: a config without one was trained with this value.
+FIELD_DEFAULTS = {
+    **{f"model.{f.name}": f.default for f in dataclasses.fields(TransducerConfig)},
+    "optim.theta_lr_scale": 1.0,
+    "optim.arbitrator_lr_scale": 1.0,
+    "train.compute_ramp": [0, 0],
+}
+
+
 def same_recipe(a, b) -> list[str]:
-    """The config fields (dotted) where two configs differ; data locations aside, and, when both are
-    unquantized, the quant section and optim.theta_lr_scale (it scales squashed thetas only; older
-    workdirs' configs predate it)."""
+    """The config fields (dotted) where two configs differ; data locations aside; a field one
+    config lacks (an older workdir) compares by its default (`FIELD_DEFAULTS`); when both are
+    unquantized, the quant section and optim.theta_lr_scale (it scales squashed thetas only) are
+    ignored."""
     flat_a, flat_b = (dict(_flatten(json.loads(json.dumps(c.to_dict())))) for c in (a, b))
     unquantized = not flat_a.get("quant.enabled") and not flat_b.get("quant.enabled")
+    value = lambda flat, k: flat.get(k, FIELD_DEFAULTS.get(k))  # noqa: E731
     return sorted(
         k for k in flat_a.keys() | flat_b.keys()
-        if flat_a.get(k) != flat_b.get(k)
+        if value(flat_a, k) != value(flat_b, k)
         and not k.startswith("data.tfds_data_dir")
         and not (unquantized and (k.startswith("quant.") or k == "optim.theta_lr_scale"))
     )

@@ -69,9 +69,12 @@ def test_squashed_from_scratch_is_the_main_job_recipe():
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
     assert sweep.same_recipe(scratch_float, main) == []
-    older = ml_collections.ConfigDict(main.to_dict())  # a workdir from before optim.theta_lr_scale
-    del older.optim["theta_lr_scale"]
+    older = ml_collections.ConfigDict(main.to_dict())  # a workdir from before these fields
+    del older.optim["theta_lr_scale"], older.model["gate_per_chunk"]
     assert sweep.same_recipe(scratch_float, older) == []
+    newer = ml_collections.ConfigDict(main.to_dict())
+    newer.model.gate_per_chunk = True  # a field one side lacks compares by its default
+    assert sweep.same_recipe(newer, older) == ["model.gate_per_chunk"]
     older.optim.learning_rate *= 2
     assert sweep.same_recipe(scratch_float, older) == ["optim.learning_rate"]
     _, tanh = load("commands_squashed.py", "scratch,tanh,2")
