@@ -123,11 +123,12 @@ def same_recipe(a, b) -> list[str]:
     unquantized, the quant section and optim.theta_lr_scale (it scales squashed thetas only) are
     ignored."""
     flat_a, flat_b = (dict(_flatten(json.loads(json.dumps(c.to_dict())))) for c in (a, b))
+    keys = flat_a.keys() | flat_b.keys()
+    flat_a, flat_b = ({k: f.get(k, FIELD_DEFAULTS.get(k)) for k in keys} for f in (flat_a, flat_b))
     unquantized = not flat_a.get("quant.enabled") and not flat_b.get("quant.enabled")
-    value = lambda flat, k: flat.get(k, FIELD_DEFAULTS.get(k))  # noqa: E731
     return sorted(
-        k for k in flat_a.keys() | flat_b.keys()
-        if value(flat_a, k) != value(flat_b, k)
+        k for k in keys
+        if flat_a[k] != flat_b[k]
         and not k.startswith("data.tfds_data_dir")
         and not (unquantized and (k.startswith("quant.") or k == "optim.theta_lr_scale"))
     )
