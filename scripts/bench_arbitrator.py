@@ -137,7 +137,7 @@ def measure(workdir: str, baseline: str, n: int, data_dir: str = "", repeats: in
     base_model = evaluate.load_trained(baseline).model
     feats = test_features(trained.config, n, data_dir)
     base, ours = executed_flops(base_model, feats), executed_flops(trained.model, feats)
-    gated = trained.model.encoder.arbitrator is not None
+    gated = trained.model.encoder.gated
     row = {
         "utterances": len(feats),
         "compute_gated": ours["gated"] / base["gated_full"],

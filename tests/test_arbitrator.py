@@ -148,6 +148,29 @@ def test_per_chunk_gates_decide_once_per_chunk_and_stream_exactly(feats):
     np.testing.assert_allclose(jnp.where(valid, stream(m, feats, True), 0), offline, atol=1e-5)
 
 
+def test_static_pruning_removes_components_on_every_frame(feats):
+    """`static_attention`/`static_ffn` against the blocks run by hand without the pruned
+    components; half the components off = half the encoder's FLOPs; skipping stream = offline."""
+    m = _model(arbitrator="none", static_attention="01", static_ffn="10")
+    enc, enc_lengths, trace = encode(m, feats)
+    x, lengths = m.subsampling(m._normalize(feats, LENGTHS), LENGTHS)
+    t = x.shape[1]
+    first, second = m.encoder.blocks
+    x = x + first.ffn(first.ffn_norm(x))  # layer 0: feed-forward only
+    mask, positions = m.encoder.attention_mask(lengths, t), jnp.arange(t)
+    x = x + second.attn(second.attn_norm(x), mask, positions)  # layer 1: attention only
+    valid = np.arange(t)[None] < np.asarray(enc_lengths)[:, None]
+    np.testing.assert_allclose(enc[valid], m.encoder.norm(x)[valid], atol=1e-5)
+    np.testing.assert_array_equal(trace.attn[0], 0)
+    np.testing.assert_array_equal(trace.attn[1], valid)
+    np.testing.assert_array_equal(trace.ffn, np.stack([valid, 0 * valid]))
+    f = flops.encoder_flops(m.cfg, enc_lengths, t, trace.attn, trace.ffn)
+    np.testing.assert_allclose(f["gated"], f["gated_full"] / 2, rtol=1e-6)
+    assert m.encoder.gated and not _model(arbitrator="none").encoder.gated
+    skipped = stream(m, feats, True)
+    np.testing.assert_allclose(jnp.where(valid[..., None], skipped, 0), enc, atol=1e-5)
+
+
 def test_gated_streaming_refuses_lookahead(feats):
     m = _model(lookahead_chunks=1)
     m.eval()
@@ -302,3 +325,7 @@ def test_config_validation():
         _model(arbitrator="oracle")
     with pytest.raises(ValueError, match="gate_estimator"):
         _model(gate_estimator="reinforce")
+    with pytest.raises(ValueError, match="static_ffn must be '' or 2 characters"):
+        _model(arbitrator="none", static_ffn="011")
+    with pytest.raises(ValueError, match="needs arbitrator 'none'"):
+        _model(static_attention="01")

@@ -70,6 +70,12 @@ class TransducerConfig:
     # One gate decision per attention chunk (`chunk_size` frames, from the mean of the chunk's
     # frame logits) instead of per frame: streaming then runs or skips whole chunks.
     gate_per_chunk: bool = False
+    # Static pruning (the baseline arbitrators must beat): one '0'/'1' per layer, '0' = that
+    # layer's self-attention (`static_attention`) or feed-forward (`static_ffn`) is off on every
+    # frame, exactly as an arbitrator gate that is always off ("" = all on). Needs arbitrator
+    # "none"; executed FLOPs, skipping streaming and gathered execution treat it as fixed gates.
+    static_attention: str = ""
+    static_ffn: str = ""
 
     def __post_init__(self):
         f = self.subsampling_factor
@@ -95,6 +101,15 @@ class TransducerConfig:
             )
         if self.compute_weight < 0 or self.arbitrator_dim < 1:
             raise ValueError("need compute_weight >= 0 and arbitrator_dim >= 1")
+        for name in ("static_attention", "static_ffn"):
+            value = getattr(self, name)
+            if value and (len(value) != self.num_layers or set(value) - {"0", "1"}):
+                raise ValueError(
+                    f"{name} must be '' or {self.num_layers} characters '0'/'1' (one per "
+                    f"layer, '0' = off), got {value!r}"
+                )
+            if value and self.arbitrator != "none":
+                raise ValueError(f"{name} (static pruning) needs arbitrator 'none'")
         if not 0 <= self.activation_bits <= 8:
             raise ValueError(
                 f"activation_bits must be 0 (float) or 1..8, got {self.activation_bits}"
@@ -107,6 +122,16 @@ class TransducerConfig:
     @property
     def params_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.param_dtype)
+
+    @property
+    def static_gates(self) -> tuple[tuple[bool, bool], ...] | None:
+        """Per layer (attention on, FFN on) from `static_attention`/`static_ffn`, or None when
+        neither prunes anything."""
+        if "0" not in self.static_attention + self.static_ffn:
+            return None
+        attn = self.static_attention or "1" * self.num_layers
+        ffn = self.static_ffn or "1" * self.num_layers
+        return tuple((a == "1", f == "1") for a, f in zip(attn, ffn, strict=True))
 
     @property
     def num_subsampling_layers(self) -> int:

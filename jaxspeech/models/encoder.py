@@ -2,8 +2,8 @@
 
 Block: `x + g_attn * MHSA(LN(x))`, then `x + g_ffn * FFN(LN(x))`, where the optional per-frame gates
 `g` ([B, T], 0 = component off, the residual carries the input) come from arbitrators
-(`jaxspeech.models.arbitrator`) or the caller; with gates None the block is the plain pre-LN block
-(no multiply is traced). A final LayerNorm follows the stack.
+(`jaxspeech.models.arbitrator`), static pruning (`static_attention`/`static_ffn`: fixed gates) or
+the caller; with gates None the block is the plain pre-LN block (no multiply is traced). A final LayerNorm follows the stack.
 
 Gated attention: a frame whose attention gate is off (g <= 0.5) is neither a query nor a key/value
 in that layer: other frames attend only to the active frames of their chunked context, so an off
@@ -227,6 +227,12 @@ class Encoder(nnx.Module):
         self.blocks = nnx.List([EncoderBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.norm = layer_norm(cfg.d_model, cfg, rngs=rngs)
         self.arbitrator = Arbitrator(cfg, rngs=rngs) if cfg.arbitrator != "none" else None
+        self.static_gates = cfg.static_gates
+
+    @property
+    def gated(self) -> bool:
+        """Whether components can be off: arbitrators or static pruning."""
+        return self.arbitrator is not None or self.static_gates is not None
 
     def context(self, q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
         """The chunked mask between arbitrary frame positions (`attention.chunk_context`)."""
@@ -241,7 +247,12 @@ class Encoder(nnx.Module):
         return chunks[None, None] & length_mask(lengths, num_frames)[:, None, None, :]
 
     def _layer_gates(self, i, block, x, acoustic, valid, attn_gates, ffn_gates):
-        """Layer i's (attention, FFN) gates [B,T]: the caller's, the arbitrator's, or None."""
+        """Layer i's (attention, FFN) gates [B,T]: the caller's, the arbitrator's, the static
+        pruning's (off: zeros; on: None), or None."""
+        if acoustic is None and attn_gates is None and ffn_gates is None and self.static_gates:
+            off = jnp.zeros(valid.shape, jnp.float32)
+            attn_on, ffn_on = self.static_gates[i]
+            return None if attn_on else off, None if ffn_on else off
         if acoustic is None:
             return (
                 None if attn_gates is None else attn_gates[i],
