@@ -3,7 +3,8 @@
 Block: `x + g_attn * MHSA(LN(x))`, then `x + g_ffn * FFN(LN(x))`, where the optional per-frame gates
 `g` ([B, T], 0 = component off, the residual carries the input) come from arbitrators
 (`jaxspeech.models.arbitrator`), static pruning (`static_attention`/`static_ffn`: fixed gates) or
-the caller; with gates None the block is the plain pre-LN block (no multiply is traced). A final LayerNorm follows the stack.
+the caller; with gates None the block is the plain pre-LN block (no multiply is traced). A final
+LayerNorm follows the stack.
 
 Gated attention: a frame whose attention gate is off (g <= 0.5) is neither a query nor a key/value
 in that layer: other frames attend only to the active frames of their chunked context, so an off
