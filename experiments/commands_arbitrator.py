@@ -8,6 +8,10 @@ a fixed number of steps. The argument picks the cell, comma-separated:
                     for running the whole gated encoder; the sweep's knob)
   window,N          the sliding-window baseline: attention sees N left chunks instead of 4
                     (a window of N + 1 chunks of 8 frames, 320 ms each)
+  static,ATTN,FFN   the static-pruning baseline: one '0'/'1' per layer for attention and for
+                    the feed-forward network, '0' = off on every frame (`model.static_attention`,
+                    `model.static_ffn`), e.g. `static,0001,1101`: the components the per-chunk
+                    arbitrators learned to drop, removed by hand
 
 Options for `arbitrator` cells: `block` (the arbitrator also reads each block's input,
 `acoustic+block`), `st` / `gumbel_soft` (other gate estimators than Gumbel-sigmoid
@@ -31,7 +35,7 @@ import os
 
 import ml_collections
 
-METHODS = ("none", "arbitrator", "window")
+METHODS = ("none", "arbitrator", "window", "static")
 # Fine-tuning recipe (the squashed-QAT sweep's, experiments/commands_squashed.py): 600 steps from
 # the trained model at LR 5e-4.
 STEPS, LR, WARMUP = 600, 5e-4, 50
@@ -65,7 +69,11 @@ def parse(arg: str | None) -> dict:
     rest = [t for t in tokens if t not in flags]
     method = rest[0] if rest else "arbitrator"
     values = rest[1:]
-    ok = method in METHODS and len(values) <= 1
+    pruning = ("", "")
+    if method == "static":  # two per-layer on/off strings, checked by TransducerConfig
+        ok = len(values) == 2 and all(set(v) <= {"0", "1"} for v in values)
+        pruning, values = tuple(values) if ok else pruning, []
+    ok = method in METHODS and len(values) <= 1 and (method != "static" or bool(pruning[0]))
     try:
         value = float(values[0]) if values else (4.0 if method == "arbitrator" else 1.0)
     except ValueError:
@@ -75,7 +83,8 @@ def parse(arg: str | None) -> dict:
         raise ValueError(
             f"unknown variant {arg!r}; use 'none', "
             "'arbitrator[,WEIGHT][,block][,chunk][,st|gumbel_soft]' "
-            "or 'window,LEFT_CHUNKS' (optionally with 'tiny' or 'scratch'), e.g. "
+            "'window,LEFT_CHUNKS' or 'static,ATTN,FFN' (e.g. static,0001,1101; optionally "
+            "with 'tiny' or 'scratch'), e.g. "
             "commands_arbitrator.py:"
             "arbitrator,4"
         )
@@ -88,6 +97,7 @@ def parse(arg: str | None) -> dict:
         block="block" in tokens,
         chunk="chunk" in tokens,
         estimator=estimator or "gumbel_st",
+        static=pruning,
     )
 
 
@@ -106,6 +116,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.optim.arbitrator_lr_scale = ARB_LR_SCALE
     elif p["method"] == "window":
         c.model.left_chunks = int(p["value"])
+    elif p["method"] == "static":
+        c.model.static_attention, c.model.static_ffn = p["static"]
     if p["tiny"]:
         return c
     if p["scratch"]:

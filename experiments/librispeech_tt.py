@@ -52,6 +52,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             gate_init_bias=4.0,
             compute_weight=0.0,
             gate_per_chunk=False,  # one gate decision per attention chunk (streaming skips)
+            static_attention="",  # static pruning, one '0'/'1' per layer ('' = all on)
+            static_ffn="",
             joint_dim=640,
             dtype="float32",
             param_dtype="float32",

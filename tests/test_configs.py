@@ -25,6 +25,7 @@ CONFIGS = [
     ("commands_arbitrator.py", "tiny,arbitrator,2"),
     ("commands_arbitrator.py", "arbitrator,32,scratch"),
     ("commands_arbitrator.py", "arbitrator,32,scratch,chunk"),
+    ("commands_arbitrator.py", "static,0001,1101,scratch"),
     ("librispeech_arbitrator.py", None),
     ("librispeech_arbitrator.py", "30,/data/LibriSpeech"),
     ("commands_squashed.py", None),
@@ -90,6 +91,19 @@ def test_squashed_from_scratch_is_the_main_job_recipe():
     assert cdf.optim.theta_lr_scale == module.THETA_LR_SCALE and cdf.train.init_from
     with pytest.raises(ValueError, match="tiny.scratch"):
         load("commands_squashed.py", "tiny,scratch,tanh")
+
+
+def test_static_pruning_variant():
+    _, config = load("commands_arbitrator.py", "static,0001,1101,scratch")
+    model_cfg = state_lib.model_config(config.model, vocab_size=30, bf16=False)
+    assert model_cfg.arbitrator == "none" and not config.train.init_from
+    assert model_cfg.static_gates == ((False, True), (False, True), (False, False), (True, True))
+    for bad in ("static", "static,0001", "static,01x1,1111", "static,0001,1101,2"):
+        with pytest.raises(ValueError, match="unknown variant"):
+            load("commands_arbitrator.py", bad)
+    with pytest.raises(ValueError, match="static_ffn must be"):  # 4 layers, not 3
+        cfg = load("commands_arbitrator.py", "static,0001,110")[1]
+        state_lib.model_config(cfg.model, vocab_size=30)
 
 
 def test_locked_config_rejects_unknown_keys():
