@@ -54,8 +54,10 @@ def test_ctc_loss_matches_brute_force_and_joins_the_transducer_loss():
     labels = jnp.array([[1, 1, 2], [2, 0, 0]], jnp.int32)  # a repeat needs a blank between
     label_lengths = jnp.array([3, 1], jnp.int32)
 
-    enc, enc_lengths = model.encode(feats, feat_lengths)
-    ctc = np.asarray(model.ctc_loss(enc, enc_lengths, labels, label_lengths))
+    # Compiled, not op by op: eager dispatch of the model's many small ops is what takes time.
+    enc, enc_lengths = nnx.jit(lambda m, f, n: m.encode(f, n))(model, feats, feat_lengths)
+    ctc_loss = nnx.jit(lambda m, e, n, y, u: m.ctc_loss(e, n, y, u))
+    ctc = np.asarray(ctc_loss(model, enc, enc_lengths, labels, label_lengths))
     log_probs = np.asarray(jax.nn.log_softmax(model.ctc_head(enc), -1), np.float64)
     for b in range(2):
         n, u = int(enc_lengths[b]), int(label_lengths[b])
@@ -63,15 +65,15 @@ def test_ctc_loss_matches_brute_force_and_joins_the_transducer_loss():
         np.testing.assert_allclose(ctc[b], ref, rtol=1e-4)
 
     # Too few frames for the labels (5 frames; 4 labels with 2 repeats need 6): contributes 0.
-    short = model.ctc_loss(enc, enc_lengths, jnp.array([[1, 1, 1, 2]] * 2), jnp.array([4, 4]))
+    short = ctc_loss(model, enc, enc_lengths, jnp.array([[1, 1, 1, 2]] * 2), jnp.array([4, 4]))
     assert float(short[1]) == 0.0 and 0.0 < float(short[0]) < 1e3
 
     plain = TransformerTransducer(dataclasses.replace(CFG, ctc_weight=0.0), rngs=nnx.Rngs(0))
     plain.eval()
     assert not hasattr(plain, "ctc_head")
-    rnnt = plain.loss(feats, feat_lengths, labels, label_lengths)  # same init: same RNN-T part
-    total = model.loss(feats, feat_lengths, labels, label_lengths)
-    np.testing.assert_allclose(total, rnnt + 0.5 * ctc, rtol=1e-5)
+    loss = nnx.jit(lambda m: m.loss(feats, feat_lengths, labels, label_lengths))
+    rnnt = loss(plain)  # same init: same RNN-T part
+    np.testing.assert_allclose(loss(model), rnnt + 0.5 * ctc, rtol=1e-5)
 
-    grads = nnx.grad(lambda m: m.loss(feats, feat_lengths, labels, label_lengths).sum())(model)
+    grads = nnx.jit(nnx.grad(lambda m: loss(m).sum()))(model)
     assert float(jnp.abs(grads.ctc_head.kernel[...]).sum()) > 0
