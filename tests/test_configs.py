@@ -88,12 +88,12 @@ def test_squashed_from_scratch_is_the_main_job_recipe():
     assert not tanh.train.init_from and tanh.train.num_steps == main.train.num_steps
     _, finetune = load("commands_squashed.py", "float")  # the fine-tuning recipe differs
     assert {"train.init_from", "train.num_steps"} <= set(sweep.same_recipe(finetune, main))
-    _, mixed = load("commands_squashed.py", "cdf,2,mixed")  # 2-bit blocks, 8-bit rest
+    _, mixed = load("commands_squashed.py", "cdf,2,mixed")  # 2-bit blocks, wider rest
     assert dict(mixed.quant.layer_bits) == {
-        "attention": -1, "feed_forward": -1, "convolution": 8, "predictor": 8, "joint": 8
+        "attention": -1, "feed_forward": -1, "convolution": 4, "predictor": 8, "joint": 8
     }  # fmt: skip
     bits = {r.pattern.split("/")[0]: r.bits for r in quantize.rules_from_config(mixed.quant)}
-    assert bits["^subsampling"] == bits["^predictor"] == bits["^(joint|ctc_head)"] == 8
+    assert bits["^subsampling"] == 4 and bits["^predictor"] == bits["^(joint|ctc_head)"] == 8
     assert bits[r"^encoder"] == 2
     _, cdf = load("commands_squashed.py", "cdf,3")  # fine-tuning scales theta too
     assert cdf.optim.theta_lr_scale == module.THETA_LR_SCALE and cdf.train.init_from
