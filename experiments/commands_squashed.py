@@ -54,7 +54,7 @@ SCRATCH_FLOAT_STEPS = 300
 # vs 11.65%; experiments/RESULTS.md).
 THETA_LR_SCALE = 10.0
 # `mixed`: the layer types kept wider than BITS. At 2 bits (fine-tuning, CDF) they carry most of
-# the gap to float: all-2-bit +10.4% relative, with these widths -0.6%, and the packed encoder
+# the gap to float: all-2-bit +10.4% relative, with these widths -0.5%, and the packed encoder
 # stays 12.5x smaller than float32 (front end at 8 bits: 10.9x; experiments/RESULTS.md).
 MIXED_LAYER_BITS = {"convolution": 4, "predictor": 8, "joint": 8}
 
