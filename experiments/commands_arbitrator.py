@@ -17,6 +17,9 @@ Options for `arbitrator` cells: `block` (the arbitrator also reads each block's 
 `acoustic+block`), `st` / `gumbel_soft` (other gate estimators than Gumbel-sigmoid
 straight-through), `chunk` (one gate decision per 8-frame attention chunk, `model.gate_per_chunk`:
 streaming skips whole chunks), `tiny` (the tiny model from scratch, a few steps: tests, demos).
+`deep` (any cell) doubles the encoder to 8 Transformer blocks (`DEEP_LAYERS`; fine-tuning cells
+start from `DEEP_BASE_WORKDIR`, which `none,scratch,deep` trains): a test of the paper's premise
+that an over-parameterized encoder has components to amortize; static strings then need 8 digits.
 `scratch` (any cell) trains from random weights with the main job's whole recipe
 (`experiments/commands_tt.py`: same steps, learning rate and schedule) instead of fine-tuning,
 the arbitrators jointly from the first step (the paper's setting), the compute loss off for the
@@ -45,6 +48,9 @@ STEPS, LR, WARMUP = 600, 5e-4, 50
 # executed compute fell only from 95% to 90% with weight 16, experiments/RESULTS.md).
 ARB_DIM, GATE_BIAS, TEMPERATURE, ARB_LR_SCALE = 32, 2.0, (1.0, 0.5), 20.0
 BASE_WORKDIR = "runs/commands_tt"
+# The `deep` option: twice the main job's Transformer blocks, and the workdir of its ungated
+# from-scratch run (`none,scratch,deep`), which the deep fine-tuning cells start from.
+DEEP_LAYERS, DEEP_BASE_WORKDIR = 8, "runs/commands_tt_deep"
 # From scratch the peak learning rate is the main job's (2e-3): this multiplier gives the
 # arbitrators the fine-tuning recipe's learning rate, 1e-2.
 SCRATCH_ARB_LR_SCALE = 5.0
@@ -65,7 +71,7 @@ def _commands_tt(arg):
 def parse(arg: str | None) -> dict:
     """'arbitrator,4,block' -> {'tiny': False, 'method': 'arbitrator', 'value': 4.0, ...}."""
     tokens = [t for t in (arg or "").split(",") if t]
-    flags = {"tiny", "scratch", "block", "st", "gumbel_soft", "chunk"}
+    flags = {"tiny", "scratch", "block", "st", "gumbel_soft", "chunk", "deep"}
     rest = [t for t in tokens if t not in flags]
     method = rest[0] if rest else "arbitrator"
     values = rest[1:]
@@ -96,6 +102,7 @@ def parse(arg: str | None) -> dict:
         value=value,
         block="block" in tokens,
         chunk="chunk" in tokens,
+        deep="deep" in tokens,
         estimator=estimator or "gumbel_st",
         static=pruning,
     )
@@ -104,6 +111,8 @@ def parse(arg: str | None) -> dict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     p = parse(arg)
     c = _commands_tt("tiny" if p["tiny"] else None)
+    if p["deep"]:
+        c.model.num_layers = 2 * c.model.num_layers if p["tiny"] else DEEP_LAYERS
     if p["method"] == "arbitrator":
         c.model.arbitrator = "acoustic+block" if p["block"] else "acoustic"
         c.model.arbitrator_dim = 8 if p["tiny"] else ARB_DIM
@@ -125,7 +134,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.optim.arbitrator_lr_scale = SCRATCH_ARB_LR_SCALE
             c.train.compute_ramp = SCRATCH_COMPUTE_RAMP
         return c
-    c.train.init_from = BASE_WORKDIR
+    c.train.init_from = DEEP_BASE_WORKDIR if p["deep"] else BASE_WORKDIR
     c.train.num_steps = STEPS
     c.train.eval_every = STEPS
     c.train.checkpoint_every = STEPS

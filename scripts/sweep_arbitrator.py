@@ -12,6 +12,10 @@ fraction of the baseline's, and the wall time of streaming each utterance alone 
 encoder with gated-off components skipped. Run it on an otherwise idle machine: the timings are
 wall-clock.
 
+`--options` adds variant options (`experiments/commands_arbitrator.py`) to every cell, e.g.
+`--options deep,chunk --base runs/commands_tt_deep`: the 8-block encoder, one gate decision per
+attention chunk (`chunk` only changes the arbitrator cells).
+
 Writes into `--out`: `results.json`, `results.md` (the table), `wer_vs_compute.png` and
 `walltime_vs_compute.png`.
 """
@@ -50,7 +54,8 @@ def cells(args) -> list[tuple[str, str, float]]:
     out = [("none", "none", 0.0)]
     out += [(f"arbitrator_{w:g}", f"arbitrator,{w:g}", w) for w in args.weights]
     out += [(f"window_{n}", f"window,{n}", float(n)) for n in args.windows]
-    return out
+    options = [o for o in args.options.split(",") if o]
+    return [(name, ",".join([arg, *options]), knob) for name, arg, knob in out]
 
 
 def train_cell(arg: str, workdir: str, args) -> dict:
@@ -137,6 +142,7 @@ def main(argv=None):
     parser.add_argument("--weights", default="8,16,32,64", help="compute-loss weights")
     parser.add_argument("--windows", default="0,1,2", help="left chunks of sliding windows")
     parser.add_argument("--utterances", type=int, default=200, help="test utterances timed")
+    parser.add_argument("--options", default="", help="variant options for every cell")
     parser.add_argument("--steps", type=int, default=0, help="override the fine-tuning steps")
     parser.add_argument("--tiny", action="store_true", help="the tiny model (tests)")
     parser.add_argument("--remeasure", action="store_true", help="ignore cached measurements")

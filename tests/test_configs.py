@@ -26,6 +26,7 @@ CONFIGS = [
     ("commands_arbitrator.py", "arbitrator,32,scratch"),
     ("commands_arbitrator.py", "arbitrator,32,scratch,chunk"),
     ("commands_arbitrator.py", "static,0001,1101,scratch"),
+    ("commands_arbitrator.py", "arbitrator,32,deep,chunk"),
     ("librispeech_arbitrator.py", None),
     ("librispeech_arbitrator.py", "30,/data/LibriSpeech"),
     ("commands_squashed.py", None),
@@ -112,6 +113,19 @@ def test_static_pruning_variant():
     with pytest.raises(ValueError, match="static_ffn must be"):  # 4 layers, not 3
         cfg = load("commands_arbitrator.py", "static,0001,110")[1]
         state_lib.model_config(cfg.model, vocab_size=30)
+
+
+def test_deep_variant():
+    """`deep`: 8 blocks; fine-tuning cells start from the deep ungated run, not the main job."""
+    module, main = load("commands_arbitrator.py", "none,scratch,deep")
+    assert main.model.num_layers == module.DEEP_LAYERS == 8 and not main.train.init_from
+    _, cell = load("commands_arbitrator.py", "arbitrator,32,deep,chunk")
+    assert cell.train.init_from == module.DEEP_BASE_WORKDIR and cell.model.gate_per_chunk
+    assert load("commands_arbitrator.py", "arbitrator,32")[1].train.init_from == "runs/commands_tt"
+    _, static = load("commands_arbitrator.py", "static,00000001,11111101,deep")
+    model_cfg = state_lib.model_config(static.model, vocab_size=30, bf16=False)
+    assert len(model_cfg.static_gates) == 8 and model_cfg.static_gates[7] == (True, True)
+    assert load("commands_arbitrator.py", "tiny,none,deep")[1].model.num_layers == 2
 
 
 def test_locked_config_rejects_unknown_keys():

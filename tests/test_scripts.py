@@ -277,6 +277,19 @@ def test_arbitrator_run_warm_starts_and_reports_compute(trained, arbitrated):
     assert arb.model.encoder.arbitrator is not None and base.model.encoder.arbitrator is None
 
 
+def test_sweep_arbitrator_cells_take_variant_options():
+    sweep = script("sweep_arbitrator")
+    args = sweep.argparse.Namespace(weights=[16.0], windows=[1], options="deep,chunk")
+    assert sweep.cells(args) == [
+        ("none", "none,deep,chunk", 0.0),
+        ("arbitrator_16", "arbitrator,16,deep,chunk", 16.0),
+        ("window_1", "window,1,deep,chunk", 1.0),
+    ]
+    configs = [sweep.experiment().get_config(arg) for _, arg, _ in sweep.cells(args)]
+    assert [c.model.num_layers for c in configs] == [8, 8, 8]
+    assert [c.model.gate_per_chunk for c in configs] == [False, True, False]
+
+
 def test_sweep_arbitrator_tables_and_figures(trained, arbitrated, tmp_path, capsys):
     import shutil
 
