@@ -16,7 +16,9 @@ a fixed number of steps. The argument picks the cell, comma-separated:
 Options for `arbitrator` cells: `block` (the arbitrator also reads each block's input,
 `acoustic+block`), `st` / `gumbel_soft` (other gate estimators than Gumbel-sigmoid
 straight-through), `chunk` (one gate decision per 8-frame attention chunk, `model.gate_per_chunk`:
-streaming skips whole chunks), `tiny` (the tiny model from scratch, a few steps: tests, demos).
+streaming skips whole chunks), `ramp` (fine-tuning: the compute loss off for the first steps, then
+ramped in, `FINETUNE_COMPUTE_RAMP`, so the encoder adapts while the gates switch components off),
+`tiny` (the tiny model from scratch, a few steps: tests, demos).
 `deep` (any cell) doubles the encoder to 8 Transformer blocks (`DEEP_LAYERS`; fine-tuning cells
 start from `DEEP_BASE_WORKDIR`, which `none,scratch,deep` trains): a test of the paper's premise
 that an over-parameterized encoder has components to amortize; static strings then need 8 digits.
@@ -58,6 +60,11 @@ SCRATCH_ARB_LR_SCALE = 5.0
 # step 0 every gate switched off within 200 steps, before the transducer loss could defend any
 # component (test WER 21.89%, experiments/RESULTS.md). Half the run ungated, then a linear ramp.
 SCRATCH_COMPUTE_RAMP = (1200, 400)
+# The `ramp` option for fine-tuning: at full weight from step 0 the gates settle within 100 of the
+# 600 steps (experiments/RESULTS.md), before the encoder can adapt to what it loses. With the ramp,
+# 100 steps without the compute loss (the gates still sample: component dropout), then 300 steps
+# of linear ramp, then 200 at full weight.
+FINETUNE_COMPUTE_RAMP = (100, 300)
 
 
 def _commands_tt(arg):
@@ -71,7 +78,7 @@ def _commands_tt(arg):
 def parse(arg: str | None) -> dict:
     """'arbitrator,4,block' -> {'tiny': False, 'method': 'arbitrator', 'value': 4.0, ...}."""
     tokens = [t for t in (arg or "").split(",") if t]
-    flags = {"tiny", "scratch", "block", "st", "gumbel_soft", "chunk", "deep"}
+    flags = {"tiny", "scratch", "block", "st", "gumbel_soft", "chunk", "deep", "ramp"}
     rest = [t for t in tokens if t not in flags]
     method = rest[0] if rest else "arbitrator"
     values = rest[1:]
@@ -85,10 +92,11 @@ def parse(arg: str | None) -> dict:
     except ValueError:
         ok = False
     ok = ok and not ("tiny" in tokens and "scratch" in tokens)
+    ok = ok and not ("ramp" in tokens and "scratch" in tokens)  # scratch has its own ramp
     if not ok or (method == "window" and (value != int(value) or value < 0)):
         raise ValueError(
             f"unknown variant {arg!r}; use 'none', "
-            "'arbitrator[,WEIGHT][,block][,chunk][,st|gumbel_soft]' "
+            "'arbitrator[,WEIGHT][,block][,chunk][,ramp][,st|gumbel_soft]' "
             "'window,LEFT_CHUNKS' or 'static,ATTN,FFN' (e.g. static,0001,1101; optionally "
             "with 'tiny' or 'scratch'), e.g. "
             "commands_arbitrator.py:"
@@ -103,6 +111,7 @@ def parse(arg: str | None) -> dict:
         block="block" in tokens,
         chunk="chunk" in tokens,
         deep="deep" in tokens,
+        ramp="ramp" in tokens,
         estimator=estimator or "gumbel_st",
         static=pruning,
     )
@@ -134,6 +143,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.optim.arbitrator_lr_scale = SCRATCH_ARB_LR_SCALE
             c.train.compute_ramp = SCRATCH_COMPUTE_RAMP
         return c
+    if p["method"] == "arbitrator" and p["ramp"]:
+        c.train.compute_ramp = FINETUNE_COMPUTE_RAMP
     c.train.init_from = DEEP_BASE_WORKDIR if p["deep"] else BASE_WORKDIR
     c.train.num_steps = STEPS
     c.train.eval_every = STEPS

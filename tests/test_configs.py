@@ -27,6 +27,7 @@ CONFIGS = [
     ("commands_arbitrator.py", "arbitrator,32,scratch,chunk"),
     ("commands_arbitrator.py", "static,0001,1101,scratch"),
     ("commands_arbitrator.py", "arbitrator,32,deep,chunk"),
+    ("commands_arbitrator.py", "arbitrator,64,deep,chunk,ramp"),
     ("librispeech_arbitrator.py", None),
     ("librispeech_arbitrator.py", "30,/data/LibriSpeech"),
     ("commands_squashed.py", None),
@@ -126,6 +127,16 @@ def test_deep_variant():
     model_cfg = state_lib.model_config(static.model, vocab_size=30, bf16=False)
     assert len(model_cfg.static_gates) == 8 and model_cfg.static_gates[7] == (True, True)
     assert load("commands_arbitrator.py", "tiny,none,deep")[1].model.num_layers == 2
+
+
+def test_finetune_ramp_variant():
+    """`ramp`: fine-tuning cells ramp the compute loss in; without it, full weight from step 0."""
+    module, cell = load("commands_arbitrator.py", "arbitrator,32,ramp")
+    assert tuple(cell.train.compute_ramp) == module.FINETUNE_COMPUTE_RAMP
+    assert sum(module.FINETUNE_COMPUTE_RAMP) < cell.train.num_steps  # ends at full weight
+    assert tuple(load("commands_arbitrator.py", "arbitrator,32")[1].train.compute_ramp) == (0, 0)
+    with pytest.raises(ValueError, match="unknown variant"):  # scratch ramps already
+        load("commands_arbitrator.py", "arbitrator,32,scratch,ramp")
 
 
 def test_locked_config_rejects_unknown_keys():
