@@ -86,11 +86,11 @@ def executed_flops(model, feats: list[np.ndarray]) -> dict[str, float]:
     return totals
 
 
-def stream_seconds(model, feats: list[np.ndarray], *, skip: bool, repeats: int = 3) -> float:
-    """Wall seconds to stream every utterance alone (batch 1) through the encoder, chunk by
-    chunk: one jitted call per utterance whose `fori_loop` runs `encode_step` for exactly the
-    utterance's chunks (as an on-device runtime would, without a host round trip per chunk).
-    The best of `repeats` passes, after an untimed warm-up (compile) call."""
+def stream_pass(model, feats: list[np.ndarray], *, skip: bool):
+    """A callable that streams every utterance alone (batch 1) through the encoder, chunk by
+    chunk, once: one jitted call per utterance whose `fori_loop` runs `encode_step` for exactly
+    the utterance's chunks (as an on-device runtime would, without a host round trip per chunk).
+    Compiled and run once (untimed) before it is returned."""
     from flax import nnx
 
     model.eval()
@@ -118,19 +118,32 @@ def stream_seconds(model, feats: list[np.ndarray], *, skip: bool, repeats: int =
         x = np.zeros((1, max_chunks * n, f.shape[1]), np.float32)
         x[0, : f.shape[0]] = f
         inputs.append((jnp.asarray(x), jnp.array([f.shape[0]], jnp.int32)))
-    jax.block_until_ready(encode(state, *inputs[0]))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+
+    def run():
         for x, length in inputs:
             jax.block_until_ready(encode(state, x, length))
-        best = min(best, time.perf_counter() - start)
+
+    jax.block_until_ready(encode(state, *inputs[0]))
+    return run
+
+
+def interleaved_seconds(passes: dict, repeats: int) -> dict[str, float]:
+    """Best wall seconds of each pass over `repeats` rounds, the passes taking turns within each
+    round: on a shared machine whose speed drifts over minutes, drift then hits every pass alike
+    instead of whichever was timed during the slow minute (ratios of back-to-back blocks of
+    passes moved by up to 2x between runs, experiments/RESULTS.md)."""
+    best = dict.fromkeys(passes, float("inf"))
+    for _ in range(repeats):
+        for name, run in passes.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 
-def measure(workdir: str, baseline: str, n: int, data_dir: str = "", repeats: int = 3) -> dict:
+def measure(workdir: str, baseline: str, n: int, data_dir: str = "", repeats: int = 5) -> dict:
     """Compute fractions and streaming wall-time ratios of `workdir` against `baseline` (both
-    timed in this call, best of `repeats` passes each)."""
+    timed in this call, best of `repeats` interleaved passes each)."""
     from jaxspeech.train import evaluate
 
     trained = evaluate.load_trained(workdir)
@@ -138,18 +151,21 @@ def measure(workdir: str, baseline: str, n: int, data_dir: str = "", repeats: in
     feats = test_features(trained.config, n, data_dir)
     base, ours = executed_flops(base_model, feats), executed_flops(trained.model, feats)
     gated = trained.model.encoder.gated
+    passes = {
+        "baseline_stream_s": stream_pass(base_model, feats, skip=False),
+        "stream_s": stream_pass(trained.model, feats, skip=gated),
+    }
+    if gated:
+        passes["masked_stream_s"] = stream_pass(trained.model, feats, skip=False)
     row = {
         "utterances": len(feats),
         "compute_gated": ours["gated"] / base["gated_full"],
         "compute_whole": ours["whole"] / base["whole_full"],
         "attn_on": ours["attn_on"],
         "ffn_on": ours["ffn_on"],
-        "baseline_stream_s": stream_seconds(base_model, feats, skip=False, repeats=repeats),
-        "stream_s": stream_seconds(trained.model, feats, skip=gated, repeats=repeats),
+        **interleaved_seconds(passes, repeats),
     }
     row["stream_ratio"] = row["stream_s"] / row["baseline_stream_s"]
-    if gated:
-        row["masked_stream_s"] = stream_seconds(trained.model, feats, skip=False, repeats=repeats)
     return row
 
 
