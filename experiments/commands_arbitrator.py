@@ -98,7 +98,7 @@ def parse(arg: str | None) -> dict:
             f"unknown variant {arg!r}; use 'none', "
             "'arbitrator[,WEIGHT][,block][,chunk][,ramp][,st|gumbel_soft]' "
             "'window,LEFT_CHUNKS' or 'static,ATTN,FFN' (e.g. static,0001,1101; optionally "
-            "with 'tiny' or 'scratch'), e.g. "
+            "with 'tiny', 'scratch' or 'deep'), e.g. "
             "commands_arbitrator.py:"
             "arbitrator,4"
         )
