@@ -58,29 +58,37 @@ def _padded(batch: list[np.ndarray], multiple: int):
     return jnp.asarray(x), jnp.array([f.shape[0] for f in batch], jnp.int32)
 
 
-def executed_flops(model, feats: list[np.ndarray]) -> dict[str, float]:
-    """Summed per-utterance FLOPs (`flops.encoder_flops` keys) under the model's hard gates."""
+def gate_traces(model, feats: list[np.ndarray]):
+    """Yields, per batch of `EVAL_BATCH` utterances, the encoder under the model's hard gates:
+    (per-utterance FLOPs [B] by `flops.encoder_flops` key, attention gates [L, B, T], feed-forward
+    gates [L, B, T], encoder lengths [B]), as numpy arrays."""
     from flax import nnx
 
     model.eval()
     graphdef, state = nnx.split(model)
 
     @jax.jit
-    def count(state, x, lengths):
+    def trace_of(state, x, lengths):
         m = nnx.merge(graphdef, state)
         _, enc_lengths, trace = m.encode_with_trace(x, lengths)
         out = flops.encoder_flops(m.cfg, enc_lengths, trace.attn.shape[-1], trace.attn, trace.ffn)
-        out["frames"] = jnp.sum(enc_lengths).astype(jnp.float32)
-        out["attn_on"] = jnp.sum(trace.attn, axis=(1, 2))  # per layer
-        out["ffn_on"] = jnp.sum(trace.ffn, axis=(1, 2))
-        return out
+        return out, trace.attn, trace.ffn, enc_lengths
 
-    totals: dict = {}
     for i in range(0, len(feats), EVAL_BATCH):
         x, lengths = _padded(feats[i : i + EVAL_BATCH], 400)  # one compile per 4 s of padding
-        for k, v in count(state, x, lengths).items():
-            v = np.asarray(v, np.float64)
-            totals[k] = totals.get(k, 0.0) + (v if v.ndim == 1 and k.endswith("_on") else v.sum())
+        yield jax.tree.map(np.asarray, trace_of(state, x, lengths))
+
+
+def executed_flops(model, feats: list[np.ndarray]) -> dict[str, float]:
+    """Summed per-utterance FLOPs (`flops.encoder_flops` keys) under the model's hard gates, and
+    the fraction of frames each layer's attention and feed-forward run on (`attn_on`, `ffn_on`)."""
+    totals: dict = {"attn_on": 0.0, "ffn_on": 0.0, "frames": 0.0}
+    for counts, attn, ffn, enc_lengths in gate_traces(model, feats):
+        for k, v in counts.items():
+            totals[k] = totals.get(k, 0.0) + float(np.sum(v, dtype=np.float64))
+        totals["attn_on"] += np.sum(attn, axis=(1, 2), dtype=np.float64)  # per layer
+        totals["ffn_on"] += np.sum(ffn, axis=(1, 2), dtype=np.float64)
+        totals["frames"] += float(np.sum(enc_lengths))
     for k in ("attn_on", "ffn_on"):  # fraction of frames on, per layer
         totals[k] = [round(float(v), 4) for v in totals[k] / totals["frames"]]
     return totals

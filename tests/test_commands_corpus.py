@@ -110,6 +110,12 @@ def test_worker_scheduling_does_not_change_examples():
     for i in range(20):
         assert serial[i]["text"] == pooled[i]["text"]
         np.testing.assert_array_equal(serial[i]["audio"], pooled[i]["audio"])
+    # Any subset, in any order: each group spoken once up to its last wanted example.
+    picked = builder.render_indices("validation", [17, 3, 18, 0], 7, return_clean=True)
+    assert sorted(picked) == [0, 3, 17, 18]
+    for i, ex in picked.items():
+        np.testing.assert_array_equal(ex["audio"], serial[i]["audio"])
+        assert ex["clean"].shape == ex["audio"].shape
 
 
 def test_seed_changes_the_corpus():

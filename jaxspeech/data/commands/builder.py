@@ -144,6 +144,27 @@ def render_example(
     return _render_group(split, range(start, index + 1), seed, difficulty, return_clean)[-1][1]
 
 
+def render_indices(
+    split: str,
+    indices,
+    seed: int,
+    difficulty: augment.Difficulty = DEFAULT_DIFFICULTY,
+    return_clean: bool = False,
+) -> dict[int, dict]:
+    """Examples `indices` of `split` (any order, any subset), each as `render_example` returns
+    it: every group is spoken once, from its start to its last wanted index."""
+    wanted = {int(i) for i in indices}
+    last: dict[int, int] = {}
+    for i in sorted(wanted):
+        last[i // GROUP_SIZE] = i
+    out = {}
+    for group, stop in last.items():
+        start = group * GROUP_SIZE
+        rendered = _render_group(split, range(start, stop + 1), seed, difficulty, return_clean)
+        out.update((i, example) for i, example in rendered if i in wanted)
+    return out
+
+
 def _render_group_job(group: int, split: str, count: int, seed: int, d: augment.Difficulty):
     indices = range(group * GROUP_SIZE, min((group + 1) * GROUP_SIZE, count))
     return _render_group(split, indices, seed, d)
