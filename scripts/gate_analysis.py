@@ -145,6 +145,13 @@ def analyse(model, feats, records, clean, factor: int, hop: int) -> tuple[dict, 
             if clean is not None:
                 classes = frame_classes(speech_frames(speech_hops(clean[i], hop), factor, int(t)))
                 utt["non_speech"] = float(np.mean(classes != 0))
+                both = np.concatenate([a, f], axis=0)  # [2L, T]: every gated component
+                for key, frames_of in (
+                    ("speech_on", classes == 0),
+                    ("non_speech_on", classes != 0),
+                ):
+                    if frames_of.any():
+                        utt[key] = float(both[:, frames_of].mean())
                 for c in range(k):
                     on["attention"][:, c] += a[:, classes == c].sum(axis=1)
                     on["ffn"][:, c] += f[:, classes == c].sum(axis=1)
@@ -171,13 +178,18 @@ def analyse(model, feats, records, clean, factor: int, hop: int) -> tuple[dict, 
     groups = collections.defaultdict(list)
     for u in utts:
         if "snr" in u:
-            groups["snr " + snr_band(u["snr"])].append(u["compute"])
+            groups["snr " + snr_band(u["snr"])].append(u)
         if "noise" in u:
-            groups["noise " + u["noise"]].append(u["compute"])
-    report["compute_by_group"] = {
-        g: {"utterances": len(v), "mean": float(np.mean(v)), "min": min(v), "max": max(v)}
-        for g, v in sorted(groups.items())
-    }
+            groups["noise " + u["noise"]].append(u)
+    report["compute_by_group"] = {}
+    for g, members in sorted(groups.items()):
+        c = [u["compute"] for u in members]
+        row = {"utterances": len(c), "mean": float(np.mean(c)), "min": min(c), "max": max(c)}
+        for key in ("speech_on", "non_speech_on"):  # mean over the group's utterances
+            v = [u[key] for u in members if key in u]
+            if v:
+                row[key] = float(np.mean(v))
+        report["compute_by_group"][g] = row
     computes = [u["compute"] for u in utts]
     if all("snr" in u for u in utts):
         report["rho_compute_snr"] = rank_correlation(computes, [u["snr"] for u in utts])
@@ -212,11 +224,18 @@ def markdown(report: dict) -> str:
             cells = [f"{rates[comp][c][layer]:.3f}" for c in columns]
             lines.append(f"| {label} {layer} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines += ["| utterances | count | compute % mean | min | max |", "|---|---|---|---|---|"]
+    lines += [
+        "Executed compute per utterance (gated encoder, % of all gates on) and the share of "
+        "components on, averaged over the group's utterances, on speech and non-speech frames:",
+        "",
+        "| utterances | count | compute % mean | min | max | on, speech % | on, non-speech % |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for g, v in report["compute_by_group"].items():
+        on = [f"{100 * v[k]:.1f}" if k in v else "-" for k in ("speech_on", "non_speech_on")]
         lines.append(
             f"| {g} | {v['utterances']} | {100 * v['mean']:.1f} | {100 * v['min']:.1f} | "
-            f"{100 * v['max']:.1f} |"
+            f"{100 * v['max']:.1f} | " + " | ".join(on) + " |"
         )
     for key, what in (("rho_compute_snr", "SNR"), ("rho_compute_non_speech", "non-speech share")):
         if key in report:

@@ -330,3 +330,58 @@ def test_sweep_arbitrator_tables_and_figures(trained, arbitrated, tmp_path, caps
         with open(out / png, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "arbitrator_2: WER" in capsys.readouterr().out
+
+
+def test_gate_analysis_frame_classes():
+    ga = script("gate_analysis")
+    hops = np.array([0, 0, 0, 1, 1, 0, 0, 1, 0, 0, 0, 0], bool)
+    speech = ga.speech_frames(hops, 2, 7)  # the last frame is beyond the audio
+    np.testing.assert_array_equal(speech, [0, 1, 1, 0, 1, 0, 0])
+    np.testing.assert_array_equal(ga.frame_classes(speech), [1, 0, 0, 2, 0, 3, 3])
+    clean = np.concatenate([np.zeros(320), np.ones(160), 1e-3 * np.ones(160)])
+    np.testing.assert_array_equal(ga.speech_hops(clean, 160), [0, 0, 1, 0])  # -60 dB: not speech
+    clean[480:] = 0.03  # -30 dB: speech
+    np.testing.assert_array_equal(ga.speech_hops(clean, 160), [0, 0, 1, 1])
+
+
+def test_gate_analysis_script(arbitrated, trained, tmp_path, capsys):
+    ga = script("gate_analysis")
+    _, tfds_dir = trained
+    out = tmp_path / "ga"
+    report = ga.main(
+        [
+            "--workdir",
+            str(arbitrated),
+            "--utterances",
+            "6",
+            "--tfds_data_dir",
+            str(tfds_dir),
+            "--out",
+            str(out),
+        ]
+    )
+    share = report["frame_share"]
+    assert sum(share.values()) == pytest.approx(1.0) and share["speech"] > 0.5
+    # The per-class on-rates, weighted by the classes' shares, are the bench's per-layer rates.
+    from jaxspeech.train import evaluate
+
+    bench = script("bench_arbitrator")
+    run = evaluate.load_trained(str(arbitrated))
+    feats = bench.test_features(run.config, 6, str(tfds_dir))
+    totals = bench.executed_flops(run.model, feats)
+    for comp, key in (("attention", "attn_on"), ("ffn", "ffn_on")):
+        rates = np.array([report["on_rate"][comp][c] for c in ga.CLASSES])  # [class, layer]
+        weights = np.array([share[c] for c in ga.CLASSES])
+        np.testing.assert_allclose(weights @ rates, totals[key], atol=1e-3)
+    assert len(report["utterances"]) == 6 and all(
+        0 < u["compute"] <= 1 for u in report["utterances"]
+    )
+    assert "| attention 0 |" in (out / "gate_analysis.md").read_text()
+    with open(out / "gates.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # A record whose audio is not what the corpus synthesizes is refused, by id.
+    source = sources.open_source("tfds:spoken_commands/tiny:test", data_dir=str(tfds_dir))
+    record = dict(source[0])
+    record["audio"] = np.asarray(record["audio"]) * 0.5
+    with pytest.raises(ValueError, match=record["id"]):
+        ga.clean_speech("tfds:spoken_commands/tiny:test", [record])
