@@ -60,6 +60,8 @@ def speech_frames(hops: np.ndarray, factor: int, num_frames: int) -> np.ndarray:
     return padded.reshape(num_frames, factor).any(axis=1)
 
 
+# A component on (or off) on all but this share of the frames counts as statically on (off).
+STATIC_SLACK = 0.01
 # Frame classes: where a frame lies relative to the utterance's speech.
 CLASSES = ("speech", "leading silence", "pauses", "trailing silence")
 
@@ -133,6 +135,7 @@ def analyse(model, feats, records, clean, factor: int, hop: int) -> tuple[dict, 
     on = {c: np.zeros((num_layers, k + 1)) for c in ("attention", "ffn")}
     frames = np.zeros(k + 1)
     utts, gates = [], []
+    total_on, total_frames = np.zeros(2 * num_layers), 0  # every component, every frame
     b0 = 0
     for counts, attn, ffn, enc_lengths in bench.gate_traces(model, feats):
         for b, t in enumerate(enc_lengths):
@@ -160,9 +163,18 @@ def analyse(model, feats, records, clean, factor: int, hop: int) -> tuple[dict, 
             on["attention"][:, k] += a[:, :first].sum(axis=1)
             on["ffn"][:, k] += f[:, :first].sum(axis=1)
             frames[k] += first
+            total_on += np.concatenate([a, f], axis=0).sum(axis=1)
+            total_frames += int(t)
             utts.append(utt)
         b0 += len(enc_lengths)
     report: dict = {"utterances": utts}
+    overall = total_on / max(total_frames, 1)  # [2L]: attention layers, then FFN layers
+    dynamic = (overall > STATIC_SLACK) & (overall < 1 - STATIC_SLACK)
+    report["off"] = {  # component-frames off, as a share of all (unweighted by FLOPs)
+        "all": float(np.mean(1 - overall)),
+        "static": float(np.sum((1 - overall)[~dynamic]) / overall.size),
+        "input_dependent": float(np.sum((1 - overall)[dynamic]) / overall.size),
+    }
     columns = (CLASSES if clean is not None else ()) + ("first chunk",)
     if clean is not None:
         report["frame_share"] = dict(
@@ -212,7 +224,13 @@ def markdown(report: dict) -> str:
             + ".",
             "",
         ]
+    off = report["off"]
     lines += [
+        f"Component-frames switched off: {100 * off['all']:.1f}% of all; "
+        f"{100 * off['static']:.1f} points in components on (or off) on all but "
+        f"{100 * STATIC_SLACK:.0f}% of the frames (static pruning), "
+        f"{100 * off['input_dependent']:.1f} in input-dependent ones.",
+        "",
         "Share of the frames of each kind a component runs on (first chunk: the utterance's "
         "first attention chunk, whatever it holds):",
         "",

@@ -373,6 +373,9 @@ def test_gate_analysis_script(arbitrated, trained, tmp_path, capsys):
         rates = np.array([report["on_rate"][comp][c] for c in ga.CLASSES])  # [class, layer]
         weights = np.array([share[c] for c in ga.CLASSES])
         np.testing.assert_allclose(weights @ rates, totals[key], atol=1e-3)
+    off = report["off"]
+    assert off["all"] == pytest.approx(off["static"] + off["input_dependent"])
+    assert off["all"] == pytest.approx(1 - np.mean(totals["attn_on"] + totals["ffn_on"]), abs=1e-3)
     assert len(report["utterances"]) == 6 and all(
         0 < u["compute"] <= 1 for u in report["utterances"]
     )
