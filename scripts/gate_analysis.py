@@ -26,7 +26,6 @@ import argparse
 import collections
 import importlib.util
 import json
-import math
 import os
 
 import numpy as np
@@ -112,12 +111,6 @@ def clean_speech(spec: str, records: list[dict]) -> list[np.ndarray] | None:
     return out
 
 
-def snr_band(snr: float) -> str:
-    if math.isinf(snr):
-        return "clean"
-    return ">= 20 dB" if snr >= 20 else ("10-20 dB" if snr >= 10 else "< 10 dB")
-
-
 def rank_correlation(a, b) -> float:
     """Spearman's rho (average ranks for ties; inf ranks as the largest)."""
     from scipy import stats
@@ -187,6 +180,7 @@ def analyse(model, feats, records, clean, factor: int, hop: int) -> tuple[dict, 
         }
         for comp, v in on.items()
     }
+    snr_band = _script("error_analysis").snr_band  # the bands its WER tables use
     groups = collections.defaultdict(list)
     for u in utts:
         if "snr" in u:
