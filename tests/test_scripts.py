@@ -334,7 +334,7 @@ def test_sweep_arbitrator_tables_and_figures(trained, arbitrated, tmp_path, caps
 
 def test_gate_analysis_frame_classes():
     ga = script("gate_analysis")
-    hops = np.array([0, 0, 0, 1, 1, 0, 0, 1, 0, 0, 0, 0], bool)
+    hops = np.array([0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0], bool)
     speech = ga.speech_frames(hops, 2, 7)  # the last frame is beyond the audio
     np.testing.assert_array_equal(speech, [0, 1, 1, 0, 1, 0, 0])
     np.testing.assert_array_equal(ga.frame_classes(speech), [1, 0, 0, 2, 0, 3, 3])
