@@ -2,6 +2,8 @@ r"""Arbitrated encoder: executed compute and measured wall time against a baseli
 
   python scripts/bench_arbitrator.py --workdir runs/arbitrator/arbitrator_4 \
       --baseline runs/arbitrator/none --utterances 200
+  python scripts/bench_arbitrator.py --workdir runs/arbitrator/arbitrator_4 \
+      --baseline runs/arbitrator/none --utterances 200 --streams 16
   python scripts/bench_arbitrator.py --synthetic --config experiments/librispeech_arbitrator.py \
       --batch 16 --seconds 16 --keep 1,0.6,0.4,0.2
 
@@ -11,7 +13,10 @@ whole encoder with the convolutional front end) as a fraction of the baseline mo
 wall time of streaming each utterance alone (batch 1, chunk by chunk through `encode_step` in
 one jitted loop per utterance, as an on-device recognizer runs) with gated-off components
 skipped, with them computed and masked, and for the baseline, each timed in the same run after a
-warm-up (compile) call. Ratios < 1 mean faster than the baseline.
+warm-up (compile) call. Ratios < 1 mean faster than the baseline. `--streams B`: a server
+streaming B utterances at once, in lock step; skipping then gathers each component's active
+frames over the whole batch, so frames switched off turn into time even where the chunks they
+sit in are partly on.
 
 `--synthetic` (no trained model or data): batched offline encoding of random features by the
 config's encoder with random per-frame gates keeping a fraction `--keep` of each component, timed
@@ -94,11 +99,14 @@ def executed_flops(model, feats: list[np.ndarray]) -> dict[str, float]:
     return totals
 
 
-def stream_pass(model, feats: list[np.ndarray], *, skip: bool):
-    """A callable that streams every utterance alone (batch 1) through the encoder, chunk by
-    chunk, once: one jitted call per utterance whose `fori_loop` runs `encode_step` for exactly
-    the utterance's chunks (as an on-device runtime would, without a host round trip per chunk).
-    Compiled and run once (untimed) before it is returned."""
+def stream_pass(model, feats: list[np.ndarray], *, skip: bool, streams: int = 1):
+    """A callable that streams every utterance through the encoder, chunk by chunk, once.
+
+    `streams` = 1: each utterance alone (batch 1), as an on-device recognizer runs; more: a
+    server streaming that many utterances at once in lock step (the utterances sorted by length
+    and taken in groups, the last group filled with empty streams). One jitted call per group
+    whose `fori_loop` runs `encode_step` for exactly the group's chunks (no host round trip per
+    chunk). Compiled and run once (untimed) before it is returned."""
     from flax import nnx
 
     model.eval()
@@ -117,19 +125,31 @@ def stream_pass(model, feats: list[np.ndarray], *, skip: bool):
             stream, y = m.encode_step(stream, chunk, lens, skip=skip)
             return stream, jax.lax.dynamic_update_slice_in_dim(out, y, i * c, axis=1)
 
-        out = jnp.zeros((1, max_chunks * c, d), m.encoder.dtype)
-        chunks = (length[0] + n - 1) // n
-        return jax.lax.fori_loop(0, chunks, body, (m.encode_init_state(1), out))[1]
+        out = jnp.zeros((streams, max_chunks * c, d), m.encoder.dtype)
+        chunks = (jnp.max(length) + n - 1) // n
+        return jax.lax.fori_loop(0, chunks, body, (m.encode_init_state(streams), out))[1]
 
+    order = sorted(range(len(feats)), key=lambda i: len(feats[i])) if streams > 1 else None
+    order = order or list(range(len(feats)))
     inputs = []
-    for f in feats:
-        x = np.zeros((1, max_chunks * n, f.shape[1]), np.float32)
-        x[0, : f.shape[0]] = f
-        inputs.append((jnp.asarray(x), jnp.array([f.shape[0]], jnp.int32)))
+    for g in range(0, len(order), streams):
+        x = np.zeros((streams, max_chunks * n, feats[0].shape[1]), np.float32)
+        lengths = np.zeros((streams,), np.int32)
+        for k, i in enumerate(order[g : g + streams]):
+            x[k, : len(feats[i])], lengths[k] = feats[i], len(feats[i])
+        inputs.append((jnp.asarray(x), jnp.asarray(lengths)))
 
-    def run():
-        for x, length in inputs:
-            jax.block_until_ready(encode(state, x, length))
+    def run(keep: bool = False):
+        """Streams every group; with `keep`, returns each utterance's valid encoder frames
+        [T_i, D], in the order of `feats`."""
+        outs = [jax.block_until_ready(encode(state, x, length)) for x, length in inputs]
+        if not keep:
+            return None
+        enc = [None] * len(feats)
+        for j, i in enumerate(order):
+            frames = len(feats[i]) // model.cfg.subsampling_factor
+            enc[i] = np.asarray(outs[j // streams][j % streams, :frames])
+        return enc
 
     jax.block_until_ready(encode(state, *inputs[0]))
     return run
@@ -149,9 +169,11 @@ def interleaved_seconds(passes: dict, repeats: int) -> dict[str, float]:
     return best
 
 
-def measure(workdir: str, baseline: str, n: int, data_dir: str = "", repeats: int = 5) -> dict:
+def measure(
+    workdir: str, baseline: str, n: int, data_dir: str = "", repeats: int = 5, streams: int = 1
+) -> dict:
     """Compute fractions and streaming wall-time ratios of `workdir` against `baseline` (both
-    timed in this call, best of `repeats` interleaved passes each)."""
+    timed in this call, best of `repeats` interleaved passes each; `streams` at once)."""
     from jaxspeech.train import evaluate
 
     trained = evaluate.load_trained(workdir)
@@ -160,13 +182,14 @@ def measure(workdir: str, baseline: str, n: int, data_dir: str = "", repeats: in
     base, ours = executed_flops(base_model, feats), executed_flops(trained.model, feats)
     gated = trained.model.encoder.gated
     passes = {
-        "baseline_stream_s": stream_pass(base_model, feats, skip=False),
-        "stream_s": stream_pass(trained.model, feats, skip=gated),
+        "baseline_stream_s": stream_pass(base_model, feats, skip=False, streams=streams),
+        "stream_s": stream_pass(trained.model, feats, skip=gated, streams=streams),
     }
     if gated:
-        passes["masked_stream_s"] = stream_pass(trained.model, feats, skip=False)
+        passes["masked_stream_s"] = stream_pass(trained.model, feats, skip=False, streams=streams)
     row = {
         "utterances": len(feats),
+        "streams": streams,
         "compute_gated": ours["gated"] / base["gated_full"],
         "compute_whole": ours["whole"] / base["whole_full"],
         "attn_on": ours["attn_on"],
@@ -258,6 +281,9 @@ def main(argv=None):
     parser.add_argument("--workdir", help="the arbitrated (or window) run")
     parser.add_argument("--baseline", help="the ungated run to compare against")
     parser.add_argument("--utterances", type=int, default=200)
+    parser.add_argument(
+        "--streams", type=int, default=1, help="utterances streamed at once (a server's batch)"
+    )
     parser.add_argument("--tfds_data_dir", default="")
     parser.add_argument("--synthetic", action="store_true", help="random gates, no model/data")
     parser.add_argument("--config", default="experiments/commands_arbitrator.py")
@@ -270,13 +296,16 @@ def main(argv=None):
         return synthetic(args.config, args.batch, args.seconds, keeps)
     if not (args.workdir and args.baseline):
         parser.error("--workdir and --baseline are required (or --synthetic)")
-    row = measure(args.workdir, args.baseline, args.utterances, args.tfds_data_dir)
+    row = measure(
+        args.workdir, args.baseline, args.utterances, args.tfds_data_dir, streams=args.streams
+    )
     print(json.dumps(row, indent=1))
     print(
         f"compute: {100 * row['compute_gated']:.1f}% of the baseline's gated encoder, "
         f"{100 * row['compute_whole']:.1f}% of its whole encoder; streaming wall time "
         f"{row['stream_s']:.2f} s vs {row['baseline_stream_s']:.2f} s "
-        f"(ratio {row['stream_ratio']:.2f}) on {jax.devices()[0].device_kind}"
+        f"(ratio {row['stream_ratio']:.2f}; {row['streams']} streams at once) "
+        f"on {jax.devices()[0].device_kind}"
     )
     return row
 

@@ -332,6 +332,27 @@ def test_sweep_arbitrator_tables_and_figures(trained, arbitrated, tmp_path, caps
     assert "arbitrator_2: WER" in capsys.readouterr().out
 
 
+def test_bench_arbitrator_streams_utterances_in_lock_step(trained, arbitrated):
+    """`--streams 2` on 3 utterances (two groups, the last with an empty stream): skipping over
+    the pooled frames of both streams gives each utterance the encoder output it gets alone, and
+    the bench times every pass."""
+    from jaxspeech.train import evaluate
+
+    float_dir, tfds_dir = trained
+    bench = script("bench_arbitrator")
+    run = evaluate.load_trained(str(arbitrated))
+    feats = bench.test_features(run.config, 3, str(tfds_dir))
+    alone = bench.stream_pass(run.model, feats, skip=False)(keep=True)
+    pooled = bench.stream_pass(run.model, feats, skip=True, streams=2)(keep=True)
+    assert len({len(f) for f in feats}) > 1  # the groups mix lengths
+    for a, b in zip(alone, pooled, strict=True):
+        assert a.shape[0] > 0
+        np.testing.assert_allclose(b, a, atol=1e-4)
+    row = bench.measure(str(arbitrated), str(float_dir), 3, str(tfds_dir), repeats=1, streams=2)
+    assert row["streams"] == 2
+    assert min(row["stream_s"], row["masked_stream_s"], row["baseline_stream_s"]) > 0
+
+
 def test_gate_analysis_frame_classes():
     ga = script("gate_analysis")
     hops = np.array([0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0], bool)

@@ -169,13 +169,32 @@ class MultiHeadSelfAttention(nnx.Module):
         v: jax.Array,
         mask: jax.Array,
         kv_valid: jax.Array | None = None,
+        *,
+        project: bool = True,
     ) -> tuple[KVCache, jax.Array]:
-        """`step` after the projections: q [B,Q,H,K] (rotated) against [cache; k/v [B,C,H,K]]."""
+        """`step` after the projections: q [B,Q,H,K] (rotated) against [cache; k/v [B,C,H,K]].
+        With `project=False` the output is the attention's [B,Q,H,K], before `out`."""
         if kv_valid is None:
             kv_valid = jnp.ones(k.shape[:2], bool)
         keys = jnp.concatenate([cache[0], k], axis=1)
         values = jnp.concatenate([cache[1], v], axis=1)
         valid = jnp.concatenate([cache[2], kv_valid], axis=1)
-        out = self.dropout(self.out(attend(q, keys, values, mask & valid[:, None, None, :])))
-        drop = keys.shape[1] - cache[0].shape[1]  # the oldest C frames leave the cache
-        return (keys[:, drop:], values[:, drop:], valid[:, drop:]), out
+        out = attend(q, keys, values, mask & valid[:, None, None, :])
+        if project:
+            out = self.dropout(self.out(out))
+        return _keep_last(cache, (keys, values, valid)), out
+
+    def push_invalid(self, cache: KVCache, frames: int) -> KVCache:
+        """The cache after `frames` new frames that are not keys (attention gated off on all)."""
+        b, _, h, k = cache[0].shape
+        zeros = jnp.zeros((b, frames, h, k), cache[0].dtype)
+        valid = jnp.zeros((b, frames), bool)
+        new = (zeros, zeros, valid)
+        grown = tuple(jnp.concatenate(p, axis=1) for p in zip(cache, new, strict=True))
+        return _keep_last(cache, grown)
+
+
+def _keep_last(cache: KVCache, grown: KVCache) -> KVCache:
+    """The last S frames of each of `grown` (S = the cache's size: the oldest frames leave)."""
+    drop = grown[0].shape[1] - cache[0].shape[1]
+    return tuple(a[:, drop:] for a in grown)

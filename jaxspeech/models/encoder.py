@@ -15,9 +15,12 @@ exactly that). An active frame always sees itself. Three executions, equal whene
   gathered  (`forward(..., capacity=K)`, batched inference): per utterance, each component's
             active frames are gathered (in time order) into K slots, computed, and scattered back;
             active frames beyond K are dropped (treated as off) and counted in `GateTrace.dropped`;
-  skipping  (`step(..., skip=True)`, streaming inference, lookahead 0): per chunk, each component
-            runs through a `lax.switch` branch sized for the smallest capacity in
-            `stream_capacities` that holds the chunk's active frames (0: not executed at all).
+  skipping  (`step(..., skip=True)`, streaming inference, lookahead 0): per chunk, each component's
+            active frames, pooled over the batch of streams, are gathered into the smallest
+            capacity of `stream_capacities(B)` (0, powers of two, B * C) that holds them, one
+            `lax.switch` branch per capacity (0: not executed at all); attention scores are
+            computed for every query of the chunk (cheap: the projections dominate), so a server
+            streaming B utterances at once spends per-frame savings, not only whole-chunk ones.
 
 Streaming (`Encoder.step`): each layer keeps a rolling cache of the keys/values of its S most recent
 input frames, S = (left_chunks + lookahead_chunks) * chunk_size, or, for left_chunks = -1
@@ -186,25 +189,40 @@ class EncoderBlock(nnx.Module):
         return (cache, pending), _gated(x, self.ffn(self.ffn_norm(x)), ffn_gate)
 
     def _step_skipping(self, state, x, kv_positions, mask, attn_gate, ffn_gate, capacities):
+        """Skipping execution of one chunk of B streams: each component's active frames, pooled
+        over the batch ([B, C] -> B*C frames), are gathered into the smallest of `capacities`
+        that holds them all (`lax.switch`: one branch per capacity; 0 runs nothing)."""
         cache, pending = state
-        attn_on, ffn_on = hard(attn_gate), hard(ffn_gate)
+        b, c, _ = x.shape
+        flat = lambda a: a.reshape((1, b * c) + a.shape[2:])  # noqa: E731
+        rows = lambda a: a.reshape((b, c) + a.shape[2:])  # noqa: E731
+        attn_on, ffn_on = flat(hard(attn_gate)), flat(hard(ffn_gate))
+        positions = jnp.tile(kv_positions, b)
         sizes = jnp.asarray(capacities, jnp.int32)
 
         def attention(capacity, cache, x):
+            if capacity == 0:
+                return self.attn.push_invalid(cache, c), jnp.zeros_like(x)
             idx, slots, _ = active_slots(attn_on, capacity)
-            q, k, v = self.attn.qkv(self.attn_norm(_take(x, idx)), kv_positions[idx])
-            chunk_valid = _put(attn_on, idx, slots, slots)
-            cache, y = self.attn.attend_cached(
-                cache, q, _put(x, idx, k, slots), _put(x, idx, v, slots), mask, chunk_valid,
-            )  # fmt: skip
-            return cache, _put(x, idx, y, slots)
+            xs = flat(x)
+            q, k, v = self.attn.qkv(self.attn_norm(_take(xs, idx)), positions[idx])
+            q, k, v = (rows(_put(xs, idx, a, slots)) for a in (q, k, v))
+            chunk_valid = rows(_put(attn_on, idx, slots, slots))
+            # scores for every query of the chunk (a few % of the block's FLOPs), the
+            # projections only for the active frames
+            cache, ctx = self.attn.attend_cached(cache, q, k, v, mask, chunk_valid, project=False)
+            y = self.attn.dropout(self.attn.out(_take(flat(ctx), idx)))
+            return cache, rows(_put(xs, idx, y, slots))
 
         def ffn(capacity, x):
+            if capacity == 0:
+                return jnp.zeros_like(x)
             idx, slots, _ = active_slots(ffn_on, capacity)
-            return _put(x, idx, self.ffn(self.ffn_norm(_take(x, idx))), slots)
+            xs = flat(x)
+            return rows(_put(xs, idx, self.ffn(self.ffn_norm(_take(xs, idx))), slots))
 
-        def branch(on):  # the smallest capacity that holds every row's active frames
-            return jnp.searchsorted(sizes, jnp.max(jnp.sum(on, axis=1)))
+        def branch(on):  # the smallest capacity that holds the batch's active frames
+            return jnp.searchsorted(sizes, jnp.sum(on))
 
         cache, y = jax.lax.switch(
             branch(attn_on), [functools.partial(attention, k) for k in capacities], cache, x
@@ -325,14 +343,14 @@ class Encoder(nnx.Module):
         """Chunks between a `step` input and its output: num_layers * lookahead_chunks."""
         return len(self.blocks) * self.lookahead_chunks
 
-    @property
-    def stream_capacities(self) -> tuple[int, ...]:
-        """Capacities of skipping execution: 0 (not run), powers of two below C, and C."""
+    def stream_capacities(self, batch: int) -> tuple[int, ...]:
+        """Capacities of skipping execution for `batch` streams of C-frame chunks: 0 (not run),
+        the powers of two below batch * C, and batch * C."""
         sizes, k = [0], 1
-        while k < self.chunk_size:
+        while k < batch * self.chunk_size:
             sizes.append(k)
             k *= 2
-        return (*sizes, self.chunk_size)
+        return (*sizes, batch * self.chunk_size)
 
     def init_state(self, batch: int) -> tuple[LayerStreamState, ...]:
         """Per layer: empty KV cache ([B, cache_size, H, K] x 2 and validity [B, cache_size])
@@ -389,7 +407,7 @@ class Encoder(nnx.Module):
                 key_valid[:, None, None, :],
                 attn_gate=ga,
                 ffn_gate=gf,
-                capacities=self.stream_capacities if skipping else None,
+                capacities=self.stream_capacities(b) if skipping else None,
             )
             new_state.append(layer_state)
         return tuple(new_state), self.norm(x)
