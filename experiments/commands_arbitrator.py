@@ -35,10 +35,9 @@ The sweep (compute weights and window sizes; the table, the WER-vs-compute and w
   python scripts/sweep_arbitrator.py --base runs/commands_tt --out runs/arbitrator
 """
 
-import importlib.util
-import os
-
 import ml_collections
+
+from jaxspeech import pyfile
 
 METHODS = ("none", "arbitrator", "window", "static")
 # Fine-tuning recipe (the squashed-QAT sweep's, experiments/commands_squashed.py): 600 steps from
@@ -68,11 +67,7 @@ FINETUNE_COMPUTE_RAMP = (100, 300)
 
 
 def _commands_tt(arg):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "commands_tt.py")
-    spec = importlib.util.spec_from_file_location("commands_tt", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return pyfile.sibling(__file__, "commands_tt").get_config(arg)
 
 
 def parse(arg: str | None) -> dict:

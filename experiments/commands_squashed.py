@@ -28,11 +28,9 @@ rate.
 `tiny` (e.g. `:tiny,tanh,2`) trains the tiny model from scratch for a few steps (tests, demos).
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
+from jaxspeech import pyfile
 from jaxspeech.train import quantize
 
 METHODS = ("float", "identity", "tanh", "cdf")
@@ -60,11 +58,7 @@ MIXED_LAYER_BITS = {"convolution": 4, "predictor": 8, "joint": 8}
 
 
 def _commands_tt(arg):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "commands_tt.py")
-    spec = importlib.util.spec_from_file_location("commands_tt", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return pyfile.sibling(__file__, "commands_tt").get_config(arg)
 
 
 def parse(arg: str | None) -> tuple[str, str, int, int, bool]:

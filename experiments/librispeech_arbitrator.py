@@ -19,17 +19,12 @@ The sliding-window baseline is `experiments/librispeech_tt.py` with
 `--config.model.left_chunks=N` (N < 4).
 """
 
-import importlib.util
-import os
+from jaxspeech import pyfile
 
 
 def get_config(arg: str | None = None):
     weight, _, local = (arg or "").partition(",")
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "librispeech_tt.py")
-    spec = importlib.util.spec_from_file_location("librispeech_tt", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(local or None)
+    c = pyfile.sibling(__file__, "librispeech_tt").get_config(local or None)
     c.model.arbitrator = "acoustic"
     c.model.arbitrator_dim = 64
     c.model.gate_init_bias = 2.0

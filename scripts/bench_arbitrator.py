@@ -212,17 +212,14 @@ def _timed(f, *args, repeats: int = 5) -> float:
 
 def synthetic(config_path: str, batch: int, seconds: float, keeps: list[float]) -> list[dict]:
     """Gathered vs masked vs ungated batched encoding (see the module docstring)."""
-    import importlib.util
-
     from flax import nnx
 
+    from jaxspeech import pyfile
     from jaxspeech.models import TransformerTransducer
     from jaxspeech.train import state as state_lib
 
-    spec = importlib.util.spec_from_file_location("config", config_path.split(":")[0])
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(config_path.partition(":")[2] or None)
+    path, _, arg = config_path.partition(":")
+    config = pyfile.load(path).get_config(arg or None)
     vocab = config.model.vocab_size if config.model.vocab_size > 0 else 256
     cfg = state_lib.model_config(config.model, vocab_size=vocab, bf16=bool(config.train.bf16))
     model = TransformerTransducer(cfg, rngs=nnx.Rngs(0))

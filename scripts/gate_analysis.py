@@ -24,22 +24,15 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import json
 import os
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from jaxspeech import pyfile
+
 # A hop of clean speech quieter than its utterance's loudest by more than this is not speech.
 SPEECH_DB = 35.0
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def speech_hops(clean: np.ndarray, hop: int) -> np.ndarray:
@@ -122,7 +115,7 @@ def rank_correlation(a, b) -> float:
 
 def analyse(model, feats, records, clean, factor: int, hop: int) -> tuple[dict, list]:
     """Per-component on-rates by frame class (`CLASSES`) and per-utterance compute."""
-    bench = _script("bench_arbitrator")
+    bench = pyfile.sibling(__file__, "bench_arbitrator")
     num_layers, k = model.cfg.num_layers, len(CLASSES)
     # [layer, class]; the last column: the utterance's first attention chunk, whatever it holds.
     on = {c: np.zeros((num_layers, k + 1)) for c in ("attention", "ffn")}
@@ -180,7 +173,7 @@ def analyse(model, feats, records, clean, factor: int, hop: int) -> tuple[dict, 
         }
         for comp, v in on.items()
     }
-    snr_band = _script("error_analysis").snr_band  # the bands its WER tables use
+    snr_band = pyfile.sibling(__file__, "error_analysis").snr_band  # the bands its WER tables use
     groups = collections.defaultdict(list)
     for u in utts:
         if "snr" in u:
@@ -316,7 +309,7 @@ def main(argv=None) -> dict:
     if not trained.model.encoder.gated:
         parser.error(f"{args.workdir}: the model has no gates (no arbitrator, no static gates)")
     spec = trained.config.data.test
-    feats = _script("bench_arbitrator").test_features(
+    feats = pyfile.sibling(__file__, "bench_arbitrator").test_features(
         trained.config, args.utterances, args.tfds_data_dir
     )
     source = sources.open_source(spec, data_dir=args.tfds_data_dir or None)

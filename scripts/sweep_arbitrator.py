@@ -21,32 +21,25 @@ Writes into `--out`: `results.json`, `results.md` (the table), `wer_vs_compute.p
 """
 
 import argparse
-import importlib.util
 import json
 import os
 
 import jax
 from absl import logging
 
+from jaxspeech import pyfile
 from jaxspeech.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _module(name: str, path: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def experiment():
     path = os.path.join(ROOT, "experiments", "commands_arbitrator.py")
-    return _module("commands_arbitrator", path)
+    return pyfile.load(path)
 
 
 def bench():
-    return _module("bench_arbitrator", os.path.join(ROOT, "scripts", "bench_arbitrator.py"))
+    return pyfile.load(os.path.join(ROOT, "scripts", "bench_arbitrator.py"))
 
 
 def cells(args) -> list[tuple[str, str, float]]:

@@ -20,7 +20,6 @@ the main job trained with that same recipe (checked: the configs agree), not ret
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import re
@@ -30,6 +29,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from jaxspeech import pyfile
 from jaxspeech.models import TransducerConfig
 from jaxspeech.quant import qat
 from jaxspeech.train import evaluate, loop, quantize
@@ -45,19 +45,12 @@ METHOD_NAMES = {
 HIST_KERNEL = r"encoder/blocks/\d+/ffn/up/kernel$"
 
 
-def _module(name: str, path: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def experiment():
-    return _module("commands_squashed", os.path.join(ROOT, "experiments", "commands_squashed.py"))
+    return pyfile.load(os.path.join(ROOT, "experiments", "commands_squashed.py"))
 
 
 def exporter():
-    return _module("export_quantized", os.path.join(ROOT, "scripts", "export_quantized.py"))
+    return pyfile.load(os.path.join(ROOT, "scripts", "export_quantized.py"))
 
 
 def cell_config(method: str, bits: int, args):

@@ -1,7 +1,6 @@
 """Every experiment config loads, builds its TransducerConfig and optimizer, and is locked
 (a misspelled key is an error, in Python and on the command line)."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -9,6 +8,7 @@ import sys
 import ml_collections
 import pytest
 
+from jaxspeech import pyfile
 from jaxspeech.train import quantize, sharding
 from jaxspeech.train import state as state_lib
 
@@ -39,10 +39,7 @@ CONFIGS = [
 
 
 def load(name, arg):
-    path = os.path.join(ROOT, "experiments", name)
-    spec = importlib.util.spec_from_file_location(name[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = pyfile.load(os.path.join(ROOT, "experiments", name))
     return module, module.get_config(arg)
 
 
@@ -67,11 +64,7 @@ def test_squashed_from_scratch_is_the_main_job_recipe():
     """The from-scratch squashed sweep reuses the main job as its float cell: same recipe."""
     _, main = load("commands_tt.py", None)
     module, scratch_float = load("commands_squashed.py", "scratch,float")
-    spec = importlib.util.spec_from_file_location(
-        "sweep_squashed", os.path.join(ROOT, "scripts", "sweep_squashed.py")
-    )
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = pyfile.load(os.path.join(ROOT, "scripts", "sweep_squashed.py"))
     assert sweep.same_recipe(scratch_float, main) == []
     older = ml_collections.ConfigDict(main.to_dict())  # a workdir from before these fields
     del older.optim["theta_lr_scale"], older.model["gate_per_chunk"]

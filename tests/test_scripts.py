@@ -1,7 +1,6 @@
 """The command-line entry points on a tiny trained workdir: scripts/train.py (subprocess, the real
 CLI), then scripts/evaluate.py on a manifest of wav files and scripts/transcribe.py on the files."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from jaxspeech import pyfile
 from jaxspeech.data import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,10 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("scripts")]
 
 def script(name, folder="scripts"):
     """The module `<folder>/<name>.py` of the repository (scripts and experiment configs)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, folder, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return pyfile.load(os.path.join(ROOT, folder, f"{name}.py"))
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 checkpoint save/restore with automatic resume (4 + 4 steps == 8 uninterrupted steps), and the
 bad-input errors raised before any training time is spent."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -10,6 +9,7 @@ import signal
 import jax
 import pytest
 
+from jaxspeech import pyfile
 from jaxspeech.train import checkpoint, loop, metrics
 
 # One worker builds the module fixtures (the resumed run) once: `--dist loadgroup`.
@@ -19,12 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(tfds_dir, **train):
-    spec = importlib.util.spec_from_file_location(
-        "commands_tt", os.path.join(ROOT, "experiments", "commands_tt.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    config = pyfile.load(os.path.join(ROOT, "experiments", "commands_tt.py")).get_config("tiny")
     config.data.tfds_data_dir = str(tfds_dir)
     # Constant LR after warm-up: a run's first 4 steps do not depend on its num_steps.
     config.optim.schedule = "constant"

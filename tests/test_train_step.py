@@ -1,7 +1,6 @@
 """The jitted train step on the tiny config: one real step, loss goes down on a fixed batch, and
 one CPU device vs 8 simulated devices (data x fsdp x tensor = 2 x 2 x 2) give the same losses."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,7 +11,7 @@ import localhost_processes  # tests/localhost_processes.py
 import numpy as np
 import pytest
 
-from jaxspeech import features
+from jaxspeech import features, pyfile
 from jaxspeech.train import distributed, loop, sharding
 from jaxspeech.train import state as state_lib
 from jaxspeech.train import step as step_lib
@@ -23,12 +22,7 @@ VOCAB = 20
 
 
 def tiny_config():
-    spec = importlib.util.spec_from_file_location(
-        "commands_tt", os.path.join(ROOT, "experiments", "commands_tt.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("tiny")
+    return pyfile.load(os.path.join(ROOT, "experiments", "commands_tt.py")).get_config("tiny")
 
 
 def fixed_batch():
