@@ -124,6 +124,17 @@ def test_skipping_streaming_equals_masked_streaming_and_offline(model, feats, ma
     np.testing.assert_allclose(jnp.where(valid, skipped, 0), offline, atol=1e-5)
 
 
+def test_stream_capacities_hold_any_count_with_bounded_waste(model):
+    c = model.cfg.chunk_size
+    for batch in (1, 2, 16):
+        sizes = np.array(model.encoder.stream_capacities(batch))
+        full = batch * c
+        assert sizes[0] == 0 and sizes[-1] == full and np.all(np.diff(sizes) > 0)
+        for count in range(full + 1):  # the branch `_step_skipping` takes for `count` frames
+            size = sizes[np.searchsorted(sizes, count)]
+            assert count <= size <= max(2 * count, count + max(c, full // 8))
+
+
 def test_per_chunk_gates_decide_once_per_chunk_and_stream_exactly(feats):
     m = _model(gate_per_chunk=True)
     m.eval()

@@ -17,10 +17,11 @@ exactly that). An active frame always sees itself. Three executions, equal whene
             active frames beyond K are dropped (treated as off) and counted in `GateTrace.dropped`;
   skipping  (`step(..., skip=True)`, streaming inference, lookahead 0): per chunk, each component's
             active frames, pooled over the batch of streams, are gathered into the smallest
-            capacity of `stream_capacities(B)` (0, powers of two, B * C) that holds them, one
-            `lax.switch` branch per capacity (0: not executed at all); attention scores are
-            computed for every query of the chunk (cheap: the projections dominate), so a server
-            streaming B utterances at once spends per-frame savings, not only whole-chunk ones.
+            capacity of `stream_capacities(B)` (0, powers of two, multiples of B * C / 8) that
+            holds them, one `lax.switch` branch per capacity (0: not executed at all); attention
+            scores are computed for every query of the chunk (cheap: the projections dominate),
+            so a server streaming B utterances at once spends per-frame savings, not only
+            whole-chunk ones.
 
 Streaming (`Encoder.step`): each layer keeps a rolling cache of the keys/values of its S most recent
 input frames, S = (left_chunks + lookahead_chunks) * chunk_size, or, for left_chunks = -1
@@ -344,13 +345,16 @@ class Encoder(nnx.Module):
         return len(self.blocks) * self.lookahead_chunks
 
     def stream_capacities(self, batch: int) -> tuple[int, ...]:
-        """Capacities of skipping execution for `batch` streams of C-frame chunks: 0 (not run),
-        the powers of two below batch * C, and batch * C."""
-        sizes, k = [0], 1
-        while k < batch * self.chunk_size:
-            sizes.append(k)
+        """Capacities of skipping execution for `batch` streams of C-frame chunks (N = batch * C
+        frames): 0 (not run), the powers of two below N, and the multiples of max(C, N / 8) up
+        to N (so a busy batch wastes at most an eighth of N, not up to half)."""
+        full = batch * self.chunk_size
+        step = max(self.chunk_size, full // 8)
+        sizes, k = {0, *range(step, full + 1, step), full}, 1
+        while k < full:
+            sizes.add(k)
             k *= 2
-        return (*sizes, batch * self.chunk_size)
+        return tuple(sorted(sizes))
 
     def init_state(self, batch: int) -> tuple[LayerStreamState, ...]:
         """Per layer: empty KV cache ([B, cache_size, H, K] x 2 and validity [B, cache_size])
