@@ -350,6 +350,45 @@ def test_bench_arbitrator_streams_utterances_in_lock_step(trained, arbitrated):
     assert min(row["stream_s"], row["masked_stream_s"], row["baseline_stream_s"]) > 0
 
 
+def _errors_file(path, hyps, refs):
+    with open(path, "w") as f:
+        for i, (ref, hyp) in enumerate(zip(refs, hyps, strict=True)):
+            f.write(json.dumps({"id": f"u{i}", "ref": ref, "hyp": hyp}) + "\n")
+
+
+def test_compare_wer_matched_pairs_bootstrap(tmp_path, trained, capsys):
+    cw = script("compare_wer")
+    rng = np.random.default_rng(0)
+    refs = [" ".join(rng.choice(["on", "off", "lights", "kitchen"], 5)) for _ in range(200)]
+    worse = [r.replace("on", "of", 1) if i % 3 == 0 else r for i, r in enumerate(refs)]
+    _errors_file(tmp_path / "a.jsonl", worse, refs)
+    _errors_file(tmp_path / "b.jsonl", refs, refs)  # B: perfect where A errs
+    a, b = (cw.utterance_errors(str(tmp_path / f"{k}.jsonl")) for k in "ab")
+    errors_a = sum(e for e, _ in a.values())
+    assert errors_a == sum(w != r for w, r in zip(worse, refs, strict=True)) > 0
+    row = cw.bootstrap(cw.paired(a, b, ("a", "b")), samples=500)
+    assert row["words"] == 1000 and row["wer_a"] == errors_a / 1000 and row["wer_b"] == 0
+    assert row["relative"] == -1 and row["interval"] == [-1, -1] and row["b_better"] == 1
+    same = cw.bootstrap(cw.paired(a, a, ("a", "a")), samples=500)
+    assert same["relative"] == 0 and same["interval"] == [0, 0] and same["b_better"] == 0
+    # Half of A's errors fixed at random: the interval holds the truth and narrows as 1/sqrt(N).
+    half = [w if (i % 6 == 0) else r for i, (w, r) in enumerate(zip(worse, refs, strict=True))]
+    _errors_file(tmp_path / "c.jsonl", half, refs)
+    c = cw.utterance_errors(str(tmp_path / "c.jsonl"))
+    row = cw.bootstrap(cw.paired(a, c, ("a", "c")), samples=2000)
+    lo, hi = row["interval"]
+    assert lo < row["relative"] < hi < 0
+    big = lambda d: {f"{k}_{r}": v for k, v in d.items() for r in range(4)}  # noqa: E731
+    wide = cw.bootstrap(cw.paired(big(a), big(c), ("a", "c")), samples=2000)["interval"]
+    assert 0.35 < (wide[1] - wide[0]) / (hi - lo) < 0.65
+    with pytest.raises(ValueError, match="different utterances"):
+        cw.paired(a, {**c, "extra": (0, 1)}, ("a", "c"))
+    # On a real run: decodes the split once (error_analysis), then compares it with itself.
+    rows = cw.main(["--a", str(trained[0]), "--b", str(trained[0]), "--samples", "100"])
+    assert rows[0]["relative"] == 0 and rows[0]["utterances"] > 0
+    assert "| 95% interval |" in capsys.readouterr().out
+
+
 def test_gate_analysis_frame_classes():
     ga = script("gate_analysis")
     hops = np.array([0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0], bool)
