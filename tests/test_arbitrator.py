@@ -124,6 +124,24 @@ def test_skipping_streaming_equals_masked_streaming_and_offline(model, feats, ma
     np.testing.assert_allclose(jnp.where(valid, skipped, 0), offline, atol=1e-5)
 
 
+def test_active_slots_are_the_stable_order_of_active_then_inactive_frames():
+    from jaxspeech.models.encoder import active_slots
+
+    rng = np.random.default_rng(0)
+    for t, p in ((8, 0.3), (8, 1.0), (33, 0.0), (33, 0.6)):
+        on = rng.random((3, t)) < p
+        for k in (0, 1, t // 2, t):
+            slots = active_slots(jnp.asarray(on), k)
+            idx = np.argsort(~on, axis=1, kind="stable")[:, :k]
+            np.testing.assert_array_equal(slots.idx, idx)
+            np.testing.assert_array_equal(slots.filled, np.arange(k)[None] < on.sum(1)[:, None])
+            np.testing.assert_array_equal(slots.dropped, np.maximum(on.sum(1) - k, 0))
+            of_frame = np.full(on.shape, k)  # the inverse of idx on the filled slots
+            for b, j in zip(*np.nonzero(np.asarray(slots.filled)), strict=True):
+                of_frame[b, idx[b, j]] = j
+            np.testing.assert_array_equal(slots.of_frame, of_frame)
+
+
 def test_stream_capacities_hold_any_count_with_bounded_waste(model):
     c = model.cfg.chunk_size
     for batch in (1, 2, 16):

@@ -68,14 +68,30 @@ class GateTrace(NamedTuple):
     dropped: jax.Array
 
 
-def active_slots(on: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Per row of on [B, T] (bool): the indices [B, K] of its active frames in time order, padded
-    with inactive ones, K = capacity; slots [B, K] (bool: filled by an active frame); dropped [B]
-    (active frames beyond the capacity)."""
-    idx = jnp.argsort(~on, axis=1, stable=True)[:, :capacity].astype(jnp.int32)
+class Slots(NamedTuple):
+    """Where gathered execution puts each row's active frames (`active_slots`)."""
+
+    idx: jax.Array  # [B, K] int32: the frame in each slot (active ones in time order first)
+    filled: jax.Array  # [B, K] bool: the slot holds an active frame
+    dropped: jax.Array  # [B] int32: active frames beyond the capacity
+    of_frame: jax.Array  # [B, T] int32: each active frame's slot; K for the others
+
+
+def active_slots(on: jax.Array, capacity: int) -> Slots:
+    """Slots of capacity K for the active frames of each row of on [B, T] (bool): `idx` is the
+    stable argsort of ~on cut to K (active frames in time order, then inactive ones), computed by
+    counting (a sort is slow on CPU): an active frame goes to slot (active frames before it), an
+    inactive one to count + (inactive frames before it)."""
     count = jnp.sum(on, axis=1, dtype=jnp.int32)
-    slots = jnp.arange(capacity)[None, :] < count[:, None]
-    return idx, slots, jnp.maximum(count - capacity, 0)
+    before_on = jnp.cumsum(on, axis=1, dtype=jnp.int32) - on
+    before_off = jnp.arange(on.shape[1], dtype=jnp.int32)[None, :] - before_on
+    slot = jnp.where(on, before_on, count[:, None] + before_off)
+    rows = jnp.arange(on.shape[0])[:, None]
+    frames = jnp.broadcast_to(jnp.arange(on.shape[1], dtype=jnp.int32), on.shape)
+    idx = jnp.zeros((on.shape[0], capacity), jnp.int32).at[rows, slot].set(frames, mode="drop")
+    filled = jnp.arange(capacity)[None, :] < count[:, None]
+    of_frame = jnp.where(on & (slot < capacity), slot, capacity)
+    return Slots(idx, filled, jnp.maximum(count - capacity, 0), of_frame)
 
 
 def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
@@ -83,13 +99,11 @@ def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _put(like: jax.Array, idx: jax.Array, y: jax.Array, slots: jax.Array) -> jax.Array:
-    """Zeros [B, T, *y.shape[2:]] (B, T and dtype of `like`) with y [B, K, ...] written at idx
-    where slots."""
-    rows = jnp.arange(idx.shape[0])[:, None]
-    y = jnp.where(slots.reshape(slots.shape + (1,) * (y.ndim - 2)), y, jnp.zeros((), y.dtype))
-    out = jnp.zeros(like.shape[:2] + y.shape[2:], like.dtype)
-    return out.at[rows, idx].set(y.astype(like.dtype))
+def _put(y: jax.Array, slots: Slots) -> jax.Array:
+    """y [B, K, ...] back at the frames [B, T, ...]: each active frame's slot, zeros elsewhere (a
+    gather from y and a zero row, not a scatter: faster on CPU)."""
+    pad = jnp.zeros((y.shape[0], 1) + y.shape[2:], y.dtype)
+    return _take(jnp.concatenate([y, pad], axis=1), slots.of_frame)
 
 
 class FeedForward(nnx.Module):
@@ -141,13 +155,15 @@ class EncoderBlock(nnx.Module):
         """Hard-gated block computing only active frames (gathered execution, see the module
         docstring). x [B,T,D]; context(q_pos, k_pos) -> bool (the chunked mask); on [B,T] bool
         (False on padding). Returns (x, dropped [B])."""
-        idx, slots, dropped = active_slots(attn_on, capacity)
-        q, k, v = self.attn.qkv(self.attn_norm(_take(x, idx)), idx)
-        mask = context(idx, idx) & slots[:, None, :]
+        slots = active_slots(attn_on, capacity)
+        q, k, v = self.attn.qkv(self.attn_norm(_take(x, slots.idx)), slots.idx)
+        mask = context(slots.idx, slots.idx) & slots.filled[:, None, :]
         y = self.attn.dropout(self.attn.out(attend(q, k, v, mask[:, None])))
-        x = x + _put(x, idx, y, slots)
-        idx, slots, dropped_ffn = active_slots(ffn_on, capacity)
-        x = x + _put(x, idx, self.ffn(self.ffn_norm(_take(x, idx))), slots)
+        x = x + _put(y, slots).astype(x.dtype)
+        dropped = slots.dropped
+        slots = active_slots(ffn_on, capacity)
+        x = x + _put(self.ffn(self.ffn_norm(_take(x, slots.idx))), slots).astype(x.dtype)
+        dropped_ffn = slots.dropped
         return x, dropped + dropped_ffn
 
     def step(
@@ -204,23 +220,22 @@ class EncoderBlock(nnx.Module):
         def attention(capacity, cache, x):
             if capacity == 0:
                 return self.attn.push_invalid(cache, c), jnp.zeros_like(x)
-            idx, slots, _ = active_slots(attn_on, capacity)
+            slots = active_slots(attn_on, capacity)
             xs = flat(x)
-            q, k, v = self.attn.qkv(self.attn_norm(_take(xs, idx)), positions[idx])
-            q, k, v = (rows(_put(xs, idx, a, slots)) for a in (q, k, v))
-            chunk_valid = rows(_put(attn_on, idx, slots, slots))
+            q, k, v = self.attn.qkv(self.attn_norm(_take(xs, slots.idx)), positions[slots.idx])
+            q, k, v = (rows(_put(a, slots)) for a in (q, k, v))
             # scores for every query of the chunk (a few % of the block's FLOPs), the
-            # projections only for the active frames
-            cache, ctx = self.attn.attend_cached(cache, q, k, v, mask, chunk_valid, project=False)
-            y = self.attn.dropout(self.attn.out(_take(flat(ctx), idx)))
-            return cache, rows(_put(xs, idx, y, slots))
+            # projections only for the active frames (the capacity holds them all)
+            cache, ctx = self.attn.attend_cached(cache, q, k, v, mask, rows(attn_on), project=False)
+            y = self.attn.dropout(self.attn.out(_take(flat(ctx), slots.idx)))
+            return cache, rows(_put(y, slots)).astype(x.dtype)
 
         def ffn(capacity, x):
             if capacity == 0:
                 return jnp.zeros_like(x)
-            idx, slots, _ = active_slots(ffn_on, capacity)
+            slots = active_slots(ffn_on, capacity)
             xs = flat(x)
-            return rows(_put(xs, idx, self.ffn(self.ffn_norm(_take(xs, idx))), slots))
+            return rows(_put(self.ffn(self.ffn_norm(_take(xs, slots.idx))), slots)).astype(x.dtype)
 
         def branch(on):  # the smallest capacity that holds the batch's active frames
             return jnp.searchsorted(sizes, jnp.sum(on))
