@@ -61,6 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             gate_estimator="gumbel_st",
             gate_init_bias=4.0,
             compute_weight=0.0,
+            attention_cost=1.0,  # the compute loss's price of an attention FLOP (vs FFN)
             gate_per_chunk=False,  # one gate decision per attention chunk (streaming skips)
             static_attention="",  # static pruning, one '0'/'1' per layer ('' = all on)
             static_ffn="",

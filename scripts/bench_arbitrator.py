@@ -18,6 +18,15 @@ streaming B utterances at once, in lock step; skipping then gathers each compone
 frames over the whole batch, so frames switched off turn into time even where the chunks they
 sit in are partly on.
 
+`--component_costs` (no trained model or data): streaming time per layer of attention and of
+feed-forward, each measured by switching the other off everywhere (static pruning of a random
+model of `--config`), against their FLOP ratio: the `model.attention_cost` that makes the compute
+loss price time instead of FLOPs on this machine.
+
+  python scripts/bench_arbitrator.py --component_costs \
+      --config experiments/commands_arbitrator.py:none,scratch,deep --streams 16 \
+      --utterances 64 --seconds 3
+
 `--synthetic` (no trained model or data): batched offline encoding of random features by the
 config's encoder with random per-frame gates keeping a fraction `--keep` of each component, timed
 three ways: ungated, masked (every frame computed, the training-time execution) and gathered (the
@@ -210,8 +219,9 @@ def _timed(f, *args, repeats: int = 5) -> float:
     return best
 
 
-def synthetic(config_path: str, batch: int, seconds: float, keeps: list[float]) -> list[dict]:
-    """Gathered vs masked vs ungated batched encoding (see the module docstring)."""
+def config_model(config_path: str, **model_fields):
+    """A randomly initialized model (eval mode) of `path/config.py[:arg]`, with `model_fields`
+    overriding its config's model section (timings do not depend on the weights)."""
     from flax import nnx
 
     from jaxspeech import pyfile
@@ -220,10 +230,62 @@ def synthetic(config_path: str, batch: int, seconds: float, keeps: list[float]) 
 
     path, _, arg = config_path.partition(":")
     config = pyfile.load(path).get_config(arg or None)
+    config.model.update(model_fields)
     vocab = config.model.vocab_size if config.model.vocab_size > 0 else 256
     cfg = state_lib.model_config(config.model, vocab_size=vocab, bf16=bool(config.train.bf16))
     model = TransformerTransducer(cfg, rngs=nnx.Rngs(0))
     model.eval()
+    return model
+
+
+def component_costs(
+    config_path: str, streams: int, utterances: int, seconds: float, repeats: int = 5
+) -> dict:
+    """Streaming wall time per layer of attention and of feed-forward, against their FLOPs.
+
+    The config's encoder (random weights) streams `utterances` random inputs of `seconds` each,
+    `streams` at once, four ways: every component on, feed-forward networks off everywhere
+    (attention only), attention off everywhere, all off (static pruning, skipping execution);
+    timed interleaved. Per layer, attention's time is (attention only - all off) / L, and the
+    same for feed-forward; `attention_cost` = (attention time / FFN time) / (attention FLOPs /
+    FFN FLOPs): the `model.attention_cost` that makes the compute loss a fraction of time."""
+    layers = config_model(config_path).cfg.num_layers
+    on, off = "1" * layers, "0" * layers
+    variants = {"all": (on, on), "attention": (on, off), "ffn": (off, on), "none": (off, off)}
+    rng = np.random.default_rng(0)
+    passes, model = {}, None
+    for name, (attn, ffn) in variants.items():
+        model = config_model(
+            config_path, arbitrator="none", static_attention=attn, static_ffn=ffn
+        )
+        if not len(passes):
+            frames = int(seconds * 100)
+            feats = [rng.normal(size=(frames, model.cfg.num_mels)).astype(np.float32)] * utterances
+        passes[name] = stream_pass(model, feats, skip=True, streams=streams)
+    t = interleaved_seconds(passes, repeats)
+    n = int(seconds * 100) // model.cfg.subsampling_factor
+    f = flops.encoder_flops(model.cfg, jnp.array([n]), n)
+    attn_flops, ffn_flops = float(f["attention_full"][0]), float(f["ffn_full"][0])
+    attn_s = (t["attention"] - t["none"]) / layers
+    ffn_s = (t["ffn"] - t["none"]) / layers
+    out = {
+        "streams": streams,
+        "seconds": t,
+        "attention_s_per_layer": attn_s,
+        "ffn_s_per_layer": ffn_s,
+        "time_ratio": attn_s / ffn_s,
+        "flop_ratio": attn_flops / ffn_flops,
+    }
+    out["attention_cost"] = out["time_ratio"] / out["flop_ratio"]
+    return out
+
+
+def synthetic(config_path: str, batch: int, seconds: float, keeps: list[float]) -> list[dict]:
+    """Gathered vs masked vs ungated batched encoding (see the module docstring)."""
+    from flax import nnx
+
+    model = config_model(config_path)
+    cfg = model.cfg
     encoder = model.encoder
     graphdef, state = nnx.split(encoder)
     t = int(seconds * 100) // cfg.subsampling_factor
@@ -287,7 +349,23 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--keep", default="1,0.6,0.4,0.2")
+    parser.add_argument(
+        "--component_costs",
+        action="store_true",
+        help="time per layer of attention and FFN in streaming (--config, --streams, "
+        "--utterances, --seconds): the model.attention_cost to train with",
+    )
     args = parser.parse_args(argv)
+    if args.component_costs:
+        out = component_costs(args.config, args.streams, args.utterances, args.seconds)
+        print(json.dumps(out, indent=1))
+        print(
+            f"per layer: attention {1e3 * out['attention_s_per_layer']:.1f} ms, feed-forward "
+            f"{1e3 * out['ffn_s_per_layer']:.1f} ms (time ratio {out['time_ratio']:.2f}, FLOP "
+            f"ratio {out['flop_ratio']:.2f}): attention_cost {out['attention_cost']:.2f} "
+            f"({args.streams} streams, on {jax.devices()[0].device_kind})"
+        )
+        return out
     if args.synthetic:
         keeps = [float(k) for k in args.keep.split(",")]
         return synthetic(args.config, args.batch, args.seconds, keeps)

@@ -297,28 +297,45 @@ def test_gate_estimators():
 
 
 def test_flop_counter_matches_a_brute_force_count(model, masked):
+    """Executed FLOPs by brute force, and the compute loss with attention priced 1x and 3x."""
+    import dataclasses
+
     _, enc_lengths, trace = masked
     t = trace.attn.shape[-1]
     f = flops.encoder_flops(model.cfg, enc_lengths, t, trace.attn, trace.ffn)
     d, m, a, n = CFG.d_model, CFG.mlp_dim, CFG.arbitrator_dim, CFG.num_layers
     attn, ffn = np.asarray(trace.attn) > 0.5, np.asarray(trace.ffn) > 0.5
+
+    def attention(layer_on, b, q, frames):
+        keys = [
+            k
+            for k in range(frames)
+            if layer_on[b, k] and 0 <= q // CFG.chunk_size - k // CFG.chunk_size <= CFG.left_chunks
+        ]
+        return 4 * 2 * d * d + 2 * 2 * d * len(keys)
+
     for b in range(2):
         frames = int(enc_lengths[b])
-        total = frames * (2 * d * a + 2 * a * 2 * n + n * 2 * d * 2)  # arbitrator, every frame
+        arb = frames * (2 * d * a + 2 * a * 2 * n + n * 2 * d * 2)  # arbitrator, every frame
+        cost = {"attn": 0, "ffn": 0, "attn_full": 0, "ffn_full": 0}
+        everywhere = np.ones_like(attn[0])
         for layer in range(n):
             for q in range(frames):
-                if ffn[layer, b, q]:
-                    total += 2 * d * m + 2 * m * d
-                if not attn[layer, b, q]:
-                    continue
-                keys = [
-                    k
-                    for k in range(frames)
-                    if attn[layer, b, k]
-                    and 0 <= q // CFG.chunk_size - k // CFG.chunk_size <= CFG.left_chunks
-                ]
-                total += 4 * 2 * d * d + 2 * 2 * d * len(keys)
+                cost["ffn_full"] += 2 * d * m + 2 * m * d
+                cost["ffn"] += (2 * d * m + 2 * m * d) * ffn[layer, b, q]
+                cost["attn_full"] += attention(everywhere, b, q, frames)
+                if attn[layer, b, q]:
+                    cost["attn"] += attention(attn[layer], b, q, frames)
+        total = arb + cost["attn"] + cost["ffn"]
         assert float(f["gated"][b]) == pytest.approx(total, rel=1e-6)
+        hard = (jnp.asarray(attn, jnp.float32), jnp.asarray(ffn, jnp.float32))
+        for price in (1.0, 3.0):
+            cfg = dataclasses.replace(model.cfg, attention_cost=price)
+            want = (price * cost["attn"] + cost["ffn"] + arb) / (
+                price * cost["attn_full"] + cost["ffn_full"]
+            )
+            got = flops.compute_fraction(cfg, enc_lengths, *hard)[b]
+            assert float(got) == pytest.approx(want, rel=1e-6)
 
 
 def test_full_flop_count_matches_xla_cost_analysis():
@@ -358,3 +375,5 @@ def test_config_validation():
         _model(arbitrator="none", static_ffn="011")
     with pytest.raises(ValueError, match="needs arbitrator 'none'"):
         _model(static_attention="01")
+    with pytest.raises(ValueError, match="attention_cost > 0"):
+        _model(attention_cost=0.0)

@@ -350,6 +350,24 @@ def test_bench_arbitrator_streams_utterances_in_lock_step(trained, arbitrated):
     assert min(row["stream_s"], row["masked_stream_s"], row["baseline_stream_s"]) > 0
 
 
+def test_bench_arbitrator_component_costs():
+    """Attention and feed-forward timed apart (static pruning of a random model); the FLOP
+    ratio against a count by hand of the chunked context."""
+    from jaxspeech.models.attention import chunk_mask
+
+    bench = script("bench_arbitrator")
+    config = "experiments/commands_arbitrator.py:none,tiny"
+    out = bench.component_costs(config, streams=2, utterances=2, seconds=1.0, repeats=1)
+    assert set(out["seconds"]) == {"all", "attention", "ffn", "none"}
+    assert min(out["seconds"].values()) > 0
+    cfg = bench.config_model(config).cfg
+    n = 100 // cfg.subsampling_factor
+    pairs = int(chunk_mask(n, cfg.chunk_size, cfg.left_chunks, cfg.lookahead_chunks).sum())
+    attention = 8 * cfg.d_model**2 * n + 4 * cfg.d_model * pairs
+    assert out["flop_ratio"] == pytest.approx(attention / (4 * cfg.d_model * cfg.mlp_dim * n))
+    assert out["attention_cost"] == pytest.approx(out["time_ratio"] / out["flop_ratio"])
+
+
 def _errors_file(path, hyps, refs):
     with open(path, "w") as f:
         for i, (ref, hyp) in enumerate(zip(refs, hyps, strict=True)):

@@ -67,6 +67,10 @@ class TransducerConfig:
     gate_estimator: str = "gumbel_st"
     gate_init_bias: float = 4.0
     compute_weight: float = 0.0
+    # The compute loss's price of an attention FLOP relative to a feed-forward FLOP (1: the loss
+    # is the FLOP fraction; s > 1: attention takes s times longer per FLOP on the target
+    # hardware, as measured by `scripts/bench_arbitrator.py --component_costs`).
+    attention_cost: float = 1.0
     # One gate decision per attention chunk (`chunk_size` frames, from the mean of the chunk's
     # frame logits) instead of per frame: streaming then runs or skips whole chunks.
     gate_per_chunk: bool = False
@@ -99,8 +103,8 @@ class TransducerConfig:
                 "gate_estimator must be 'gumbel_st', 'st' or 'gumbel_soft', "
                 f"got {self.gate_estimator!r}"
             )
-        if self.compute_weight < 0 or self.arbitrator_dim < 1:
-            raise ValueError("need compute_weight >= 0 and arbitrator_dim >= 1")
+        if self.compute_weight < 0 or self.arbitrator_dim < 1 or self.attention_cost <= 0:
+            raise ValueError("need compute_weight >= 0, arbitrator_dim >= 1, attention_cost > 0")
         for name in ("static_attention", "static_ffn"):
             value = getattr(self, name)
             if value and (len(value) != self.num_layers or set(value) - {"0", "1"}):

@@ -59,8 +59,8 @@ def encoder_flops(
 
     Gates: [num_layers, B, T] values (None: all on). Returns the components `attention_proj`,
     `attention_context`, `ffn`, `arbitrator`, `subsampling`, and `gated` (their sum without the
-    front end), `gated_full` (the same with every gate on, arbitrator included) and `whole`,
-    `whole_full` (with the front end).
+    front end), `gated_full` (the same with every gate on, arbitrator included; its parts
+    `attention_full` and `ffn_full`) and `whole`, `whole_full` (with the front end).
     """
     d, m = cfg.d_model, cfg.mlp_dim
     valid = length_mask(lengths, num_frames).astype(jnp.float32)  # [B, T]
@@ -86,8 +86,9 @@ def encoder_flops(
         "subsampling": float(subsampling_flops_per_frame(cfg)) * frames,
     }
     out["gated"] = out["attention_proj"] + out["attention_context"] + out["ffn"] + out["arbitrator"]
-    out["gated_full"] = full_proj + full_ctx + 4.0 * d * m * cfg.num_layers * frames
-    out["gated_full"] += out["arbitrator"]
+    out["attention_full"] = full_proj + full_ctx
+    out["ffn_full"] = 4.0 * d * m * cfg.num_layers * frames
+    out["gated_full"] = out["attention_full"] + out["ffn_full"] + out["arbitrator"]
     out["whole"] = out["gated"] + out["subsampling"]
     out["whole_full"] = out["gated_full"] + out["subsampling"]
     return out
@@ -97,7 +98,14 @@ def compute_fraction(
     cfg: TransducerConfig, lengths: jax.Array, attn_gates: jax.Array, ffn_gates: jax.Array
 ) -> jax.Array:
     """Executed gated-encoder FLOPs as a fraction of the ungated model's (the same model without
-    arbitrators), per utterance [B]; differentiable in the gates (the compute loss)."""
+    arbitrators), per utterance [B]; differentiable in the gates (the compute loss).
+
+    With `cfg.attention_cost` = s != 1, attention FLOPs (projections and context) count s times
+    in both the executed and the ungated cost: a cost in time on hardware where an attention
+    FLOP takes s times as long as a feed-forward one (`scripts/bench_arbitrator.py
+    --component_costs` measures s); the reported FLOP counts (`encoder_flops`) do not change."""
     f = encoder_flops(cfg, lengths, attn_gates.shape[-1], attn_gates, ffn_gates)
-    ungated = f["gated_full"] - f["arbitrator"]
-    return f["gated"] / jnp.maximum(ungated, 1.0)
+    s = cfg.attention_cost
+    executed = s * (f["attention_proj"] + f["attention_context"]) + f["ffn"] + f["arbitrator"]
+    ungated = s * f["attention_full"] + f["ffn_full"]
+    return executed / jnp.maximum(ungated, 1.0)
