@@ -221,20 +221,3 @@ def test_streaming_with_lookahead_equals_offline(left, feats):
     for b in range(2):
         n = int(enc_lengths[b])
         np.testing.assert_allclose(streamed[b, :n], enc[b, :n], atol=1e-5)
-
-
-def test_ring_positions_track_the_frames_written():
-    """Chunks written at slot (first frame mod R): each slot's frame, by simulation."""
-    from jaxspeech.models.attention import ring_positions
-
-    chunk, size = 4, 12
-    ring = [None] * size
-    for newest in range(-8, 40, chunk):  # negative: lookahead layers before their first chunk
-        for p in range(newest, newest + chunk):
-            ring[p % size] = p
-        got = np.asarray(ring_positions(jnp.int32(newest), chunk, size)).tolist()
-        for slot, frame in enumerate(ring):
-            if frame is None:  # not written yet: a frame before the stream (never valid)
-                assert got[slot] < min(newest, 0)
-            else:
-                assert got[slot] == frame

@@ -85,8 +85,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     return jnp.einsum("bhqt,bthk->bqhk", probs, v)
 
 
-# A ring buffer of R frames: keys (rotated), values [B, R, H, K]; validity [B, R].
-KVCache = tuple[jax.Array, jax.Array, jax.Array]
+KVCache = tuple[jax.Array, jax.Array, jax.Array]  # keys (rotated), values [B,S,H,K]; valid [B,S]
 
 
 class MultiHeadSelfAttention(nnx.Module):
@@ -135,7 +134,6 @@ class MultiHeadSelfAttention(nnx.Module):
         return self.dropout(self.out(attend(q, k, v, mask)))
 
     def init_cache(self, batch: int, size: int) -> KVCache:
-        """An empty ring of `size` frames (keys and values [B, size, H, K], validity [B, size])."""
         shape = (batch, size, self.num_heads, self.head_dim)
         valid = jnp.zeros((batch, size), bool)
         return jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype), valid
@@ -150,21 +148,18 @@ class MultiHeadSelfAttention(nnx.Module):
         mask: jax.Array,
         kv_valid: jax.Array | None = None,
     ) -> tuple[KVCache, jax.Array]:
-        """Queries of one chunk against a ring buffer of the R latest frames, the new chunk
-        included.
+        """Queries of one chunk against a rolling cache of the S latest frames plus a new chunk.
 
         q_in [B,C,D] (queries, at absolute q_positions [C]); kv_in [B,C,D] (the newest chunk, at
-        kv_positions [C], consecutive, the first a multiple of C; the same chunk as q_in
-        without lookahead) is written over the oldest C frames of the ring, at slot
-        kv_positions[0] mod R (R a multiple of C); kv_valid [B,C] bool (default all): which new
-        frames are keys at all (a frame whose attention is gated off is not). mask: bool,
-        broadcastable to [B,1,C,R] over the ring's slots (`ring_positions` gives each slot's
-        frame). Keys are stored rotated at their absolute positions, so the ring's order does
-        not matter to the attention (a softmax over a set of keys).
+        kv_positions [C]; the same chunk as q_in without lookahead); mask bool broadcastable to
+        [B,1,C,S+C] over the keys [cache; new chunk]; kv_valid [B,C] bool (default all): which
+        new frames are keys at all (a frame whose attention is gated off is not). Returns the
+        cache holding the last S frames of [cache; new chunk] (keys stored rotated at their
+        absolute positions, with their validity).
         """
         q = rotary(self.query(q_in), q_positions)
         k = rotary(self.key(kv_in), kv_positions)
-        return self.attend_cached(cache, q, k, self.value(kv_in), mask, kv_valid, kv_positions[0])
+        return self.attend_cached(cache, q, k, self.value(kv_in), mask, kv_valid)
 
     def attend_cached(
         self,
@@ -173,43 +168,33 @@ class MultiHeadSelfAttention(nnx.Module):
         k: jax.Array,
         v: jax.Array,
         mask: jax.Array,
-        kv_valid: jax.Array | None,
-        first: jax.Array,
+        kv_valid: jax.Array | None = None,
         *,
         project: bool = True,
     ) -> tuple[KVCache, jax.Array]:
-        """`step` after the projections: k/v [B,C,H,K] (rotated; their first frame at position
-        `first`) written into the ring, then q [B,Q,H,K] (rotated) against it. With
-        `project=False` the output is the attention's [B,Q,H,K], before `out`."""
+        """`step` after the projections: q [B,Q,H,K] (rotated) against [cache; k/v [B,C,H,K]].
+        With `project=False` the output is the attention's [B,Q,H,K], before `out`."""
         if kv_valid is None:
             kv_valid = jnp.ones(k.shape[:2], bool)
-        cache = _write(cache, (k, v, kv_valid), first)
-        out = attend(q, cache[0], cache[1], mask & cache[2][:, None, None, :])
+        keys = jnp.concatenate([cache[0], k], axis=1)
+        values = jnp.concatenate([cache[1], v], axis=1)
+        valid = jnp.concatenate([cache[2], kv_valid], axis=1)
+        out = attend(q, keys, values, mask & valid[:, None, None, :])
         if project:
             out = self.dropout(self.out(out))
-        return cache, out
+        return _keep_last(cache, (keys, values, valid)), out
 
-    def push_invalid(self, cache: KVCache, frames: int, first: jax.Array) -> KVCache:
-        """The ring after `frames` new frames from position `first` that are not keys (attention
-        gated off on all of them)."""
+    def push_invalid(self, cache: KVCache, frames: int) -> KVCache:
+        """The cache after `frames` new frames that are not keys (attention gated off on all)."""
         b, _, h, k = cache[0].shape
         zeros = jnp.zeros((b, frames, h, k), cache[0].dtype)
-        return _write(cache, (zeros, zeros, jnp.zeros((b, frames), bool)), first)
+        valid = jnp.zeros((b, frames), bool)
+        new = (zeros, zeros, valid)
+        grown = tuple(jnp.concatenate(p, axis=1) for p in zip(cache, new, strict=True))
+        return _keep_last(cache, grown)
 
 
-def _write(cache: KVCache, new: KVCache, first: jax.Array) -> KVCache:
-    """`new` ([B, C, ...] each) written into the ring at slot first mod R: in place inside a
-    jitted loop (no copy of the ring, unlike concatenating and dropping the oldest frames)."""
-    slot = jnp.remainder(first, cache[0].shape[1]).astype(jnp.int32)
-    return tuple(
-        jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), slot, axis=1)
-        for c, n in zip(cache, new, strict=True)
-    )
-
-
-def ring_positions(newest: jax.Array, chunk: int, size: int) -> jax.Array:
-    """int32 [size]: the frame each slot of a ring of `size` frames holds once the chunk of
-    `chunk` frames starting at position `newest` is written (slot p mod size holds frame p, for
-    the `size` frames up to newest + chunk - 1; those before 0 are negative: never written)."""
-    oldest = newest + chunk - size
-    return oldest + jnp.remainder(jnp.arange(size, dtype=jnp.int32) - oldest, size)
+def _keep_last(cache: KVCache, grown: KVCache) -> KVCache:
+    """The last S frames of each of `grown` (S = the cache's size: the oldest frames leave)."""
+    drop = grown[0].shape[1] - cache[0].shape[1]
+    return tuple(a[:, drop:] for a in grown)

@@ -23,19 +23,17 @@ exactly that). An active frame always sees itself. Three executions, equal whene
             so a server streaming B utterances at once spends per-frame savings, not only
             whole-chunk ones.
 
-Streaming (`Encoder.step`): each layer keeps a ring buffer of the keys/values of its S + C most
-recent input frames (C = chunk_size; S = `cache_size` = (left_chunks + lookahead_chunks) * C, or,
-for left_chunks = -1 (unlimited), `max_stream_frames` rounded up to whole chunks plus the
-lookahead): each step writes its new chunk over the oldest one, in place (`attention._write`), and
-attends over the whole ring. Without lookahead a chunk attends to its S predecessors and itself,
-exactly the chunked mask, so the concatenated step outputs equal the offline encoder. With lookahead
-L > 0 a layer must see L future chunks of its input before it can emit a chunk: each layer holds its
-last L input chunks pending and emits the chunk L chunks back, so the stack's output lags its input
-by `delay_chunks = num_layers * L` chunks (the caller feeds `delay_chunks` padding chunks at the
-end, masked through `end`); the outputs are again exactly the offline ones. With left_chunks = -1,
-audio longer than `max_stream_frames` encoder frames keeps streaming, but the oldest frames then
-fall out of the window (the streamed model then behaves like one with left context
-`max_stream_frames`).
+Streaming (`Encoder.step`): each layer keeps a rolling cache of the keys/values of its S most recent
+input frames, S = (left_chunks + lookahead_chunks) * chunk_size, or, for left_chunks = -1
+(unlimited), `max_stream_frames` rounded up to whole chunks plus the lookahead. Without lookahead a
+chunk attends to [cache; itself], exactly the chunked mask, so the concatenated step outputs equal
+the offline encoder. With lookahead L > 0 a layer must see L future chunks of its input before it
+can emit a chunk: each layer holds its last L input chunks pending and emits the chunk L chunks
+back, so the stack's output lags its input by `delay_chunks = num_layers * L` chunks (the caller
+feeds `delay_chunks` padding chunks at the end, masked through `end`); the outputs are again exactly
+the offline ones. With left_chunks = -1, audio longer than `max_stream_frames` encoder frames
+keeps streaming, but the oldest frames then fall out of the window (the streamed model then behaves
+like one with left context `max_stream_frames`).
 """
 
 from __future__ import annotations
@@ -54,7 +52,6 @@ from jaxspeech.models.attention import (
     attend,
     chunk_context,
     length_mask,
-    ring_positions,
 )
 from jaxspeech.models.config import TransducerConfig, dense, layer_norm
 
@@ -183,7 +180,7 @@ class EncoderBlock(nnx.Module):
         """Takes the newest input chunk x [B,C,D] (at kv_positions [C]) and returns the output
         chunk L chunks earlier (L = lookahead; the pending inputs wait in the state's buffer).
 
-        mask: bool, broadcastable to [B,1,C,S+C] over the ring's slots. Gates [B,C] refer to
+        mask: bool, broadcastable to [B,1,C,S+C] over the keys [cache; x]. Gates [B,C] refer to
         the output chunk and need L = 0. `capacities` (skipping execution, hard gates given):
         each component runs at the smallest of these capacities that holds its active frames.
         """
@@ -222,16 +219,14 @@ class EncoderBlock(nnx.Module):
 
         def attention(capacity, cache, x):
             if capacity == 0:
-                return self.attn.push_invalid(cache, c, kv_positions[0]), jnp.zeros_like(x)
+                return self.attn.push_invalid(cache, c), jnp.zeros_like(x)
             slots = active_slots(attn_on, capacity)
             xs = flat(x)
             q, k, v = self.attn.qkv(self.attn_norm(_take(xs, slots.idx)), positions[slots.idx])
             q, k, v = (rows(_put(a, slots)) for a in (q, k, v))
             # scores for every query of the chunk (a few % of the block's FLOPs), the
             # projections only for the active frames (the capacity holds them all)
-            cache, ctx = self.attn.attend_cached(
-                cache, q, k, v, mask, rows(attn_on), kv_positions[0], project=False
-            )
+            cache, ctx = self.attn.attend_cached(cache, q, k, v, mask, rows(attn_on), project=False)
             y = self.attn.dropout(self.attn.out(_take(flat(ctx), slots.idx)))
             return cache, rows(_put(y, slots)).astype(x.dtype)
 
@@ -377,12 +372,12 @@ class Encoder(nnx.Module):
         return tuple(sorted(sizes))
 
     def init_state(self, batch: int) -> tuple[LayerStreamState, ...]:
-        """Per layer: an empty ring of R = cache_size + C frames (keys and values [B, R, H, K],
-        validity [B, R]) and pending inputs [B, L*C, D]."""
+        """Per layer: empty KV cache ([B, cache_size, H, K] x 2 and validity [B, cache_size])
+        and pending inputs [B, L*C, D]."""
         pending = (batch, self.lookahead_chunks * self.chunk_size, self.d_model)
-        ring = self.cache_size + self.chunk_size
         return tuple(
-            (b.attn.init_cache(batch, ring), jnp.zeros(pending, self.dtype)) for b in self.blocks
+            (b.attn.init_cache(batch, self.cache_size), jnp.zeros(pending, self.dtype))
+            for b in self.blocks
         )
 
     def step(
@@ -406,9 +401,7 @@ class Encoder(nnx.Module):
         their active frames (skipping execution, see the module docstring).
         """
         b, c, _ = x.shape
-        if c != self.chunk_size:
-            raise ValueError(f"step takes chunks of {self.chunk_size} frames, got {c}")
-        ring, ahead = self.cache_size + c, self.lookahead_chunks * c
+        size, ahead = self.cache_size, self.lookahead_chunks * c
         frame_pos = offset + jnp.arange(c, dtype=jnp.int32)
         valid = jnp.ones((b, c), bool) if end is None else frame_pos[None, :] < end[:, None]
         acoustic = None
@@ -417,8 +410,8 @@ class Encoder(nnx.Module):
         new_state = []
         for i, (layer_state, block) in enumerate(zip(state, self.blocks, strict=True)):
             start = offset - i * ahead  # position of this layer's newest input chunk
-            key_pos = ring_positions(start, c, ring)  # the frame in each slot, after this step
-            key_valid = jnp.broadcast_to(key_pos >= 0, (b, ring))
+            key_pos = start - size + jnp.arange(size + c, dtype=jnp.int32)  # [cache; chunk]
+            key_valid = jnp.broadcast_to(key_pos >= 0, (b, size + c))
             if end is not None:
                 key_valid &= key_pos[None, :] < end[:, None]
             ga, gf = self._layer_gates(i, block, x, acoustic, valid, attn_gates, ffn_gates)
@@ -429,7 +422,7 @@ class Encoder(nnx.Module):
             layer_state, x = block.step(
                 layer_state,
                 x,
-                start + jnp.arange(c, dtype=jnp.int32),
+                key_pos[size:],
                 key_valid[:, None, None, :],
                 attn_gate=ga,
                 ffn_gate=gf,
