@@ -249,22 +249,18 @@ def component_costs(
     timed interleaved. Per layer, attention's time is (attention only - all off) / L, and the
     same for feed-forward; `attention_cost` = (attention time / FFN time) / (attention FLOPs /
     FFN FLOPs): the `model.attention_cost` that makes the compute loss a fraction of time."""
-    layers = config_model(config_path).cfg.num_layers
-    on, off = "1" * layers, "0" * layers
+    cfg = config_model(config_path).cfg
+    on, off = "1" * cfg.num_layers, "0" * cfg.num_layers
     variants = {"all": (on, on), "attention": (on, off), "ffn": (off, on), "none": (off, off)}
-    rng = np.random.default_rng(0)
-    passes, model = {}, None
+    frames = int(seconds * 100)
+    feat = np.random.default_rng(0).normal(size=(frames, cfg.num_mels)).astype(np.float32)
+    passes = {}
     for name, (attn, ffn) in variants.items():
-        model = config_model(
-            config_path, arbitrator="none", static_attention=attn, static_ffn=ffn
-        )
-        if not len(passes):
-            frames = int(seconds * 100)
-            feats = [rng.normal(size=(frames, model.cfg.num_mels)).astype(np.float32)] * utterances
-        passes[name] = stream_pass(model, feats, skip=True, streams=streams)
+        model = config_model(config_path, arbitrator="none", static_attention=attn, static_ffn=ffn)
+        passes[name] = stream_pass(model, [feat] * utterances, skip=True, streams=streams)
     t = interleaved_seconds(passes, repeats)
-    n = int(seconds * 100) // model.cfg.subsampling_factor
-    f = flops.encoder_flops(model.cfg, jnp.array([n]), n)
+    layers, n = cfg.num_layers, frames // cfg.subsampling_factor
+    f = flops.encoder_flops(cfg, jnp.array([n]), n)
     attn_flops, ffn_flops = float(f["attention_full"][0]), float(f["ffn_full"][0])
     attn_s = (t["attention"] - t["none"]) / layers
     ffn_s = (t["ffn"] - t["none"]) / layers
