@@ -138,8 +138,9 @@ def stream_pass(model, feats: list[np.ndarray], *, skip: bool, streams: int = 1)
         chunks = (jnp.max(length) + n - 1) // n
         return jax.lax.fori_loop(0, chunks, body, (m.encode_init_state(streams), out))[1]
 
-    order = sorted(range(len(feats)), key=lambda i: len(feats[i])) if streams > 1 else None
-    order = order or list(range(len(feats)))
+    order = list(range(len(feats)))
+    if streams > 1:
+        order.sort(key=lambda i: len(feats[i]))
     inputs = []
     for g in range(0, len(order), streams):
         x = np.zeros((streams, max_chunks * n, feats[0].shape[1]), np.float32)
@@ -246,7 +247,8 @@ def component_costs(
     The config's encoder (random weights) streams `utterances` random inputs of `seconds` each,
     `streams` at once, four ways: every component on, feed-forward networks off everywhere
     (attention only), attention off everywhere, all off (static pruning, skipping execution);
-    timed interleaved. Per layer, attention's time is (attention only - all off) / L, and the
+    timed interleaved ("all" is reported as a check: about attention + ffn - none). Per layer,
+    attention's time is (attention only - all off) / L, and the
     same for feed-forward; `attention_cost` = (attention time / FFN time) / (attention FLOPs /
     FFN FLOPs): the `model.attention_cost` that makes the compute loss a fraction of time."""
     cfg = config_model(config_path).cfg

@@ -52,8 +52,8 @@ def errors_of(workdir: str, split: str) -> dict[str, tuple[int, int]]:
 
 
 def paired(a: dict, b: dict, names: tuple[str, str]) -> np.ndarray:
-    """[utterances, 3]: A's errors, B's errors, reference words, over the ids both runs have
-    (the same ids are required: else the runs were scored on different utterances)."""
+    """[utterances, 3]: A's errors, B's errors, reference words, per utterance id (both runs
+    must have the same ids: else they were scored on different utterances)."""
     if a.keys() != b.keys():
         only = sorted(a.keys() ^ b.keys())
         raise ValueError(

@@ -160,11 +160,9 @@ class EncoderBlock(nnx.Module):
         mask = context(slots.idx, slots.idx) & slots.filled[:, None, :]
         y = self.attn.dropout(self.attn.out(attend(q, k, v, mask[:, None])))
         x = x + _put(y, slots).astype(x.dtype)
-        dropped = slots.dropped
-        slots = active_slots(ffn_on, capacity)
-        x = x + _put(self.ffn(self.ffn_norm(_take(x, slots.idx))), slots).astype(x.dtype)
-        dropped_ffn = slots.dropped
-        return x, dropped + dropped_ffn
+        ffn_slots = active_slots(ffn_on, capacity)
+        x = x + _put(self.ffn(self.ffn_norm(_take(x, ffn_slots.idx))), ffn_slots).astype(x.dtype)
+        return x, slots.dropped + ffn_slots.dropped
 
     def step(
         self,
