@@ -19,6 +19,10 @@ straight-through), `chunk` (one gate decision per 8-frame attention chunk, `mode
 streaming skips whole chunks), `ramp` (fine-tuning: the compute loss off for the first steps, then
 ramped in, `FINETUNE_COMPUTE_RAMP`, so the encoder adapts while the gates switch components off),
 `tiny` (the tiny model from scratch, a few steps: tests, demos).
+`distill` (`arbitrator` and `static` cells): in-place self-distillation, each step also trains
+the ungated encoder on the batch (`model.full_pass_weight` = 1) and pulls the gated encoder's
+CTC posteriors towards its (`model.distill_weight` = `DISTILL_WEIGHT`): twice the encoder work
+per training step, the same inference.
 `deep` (any cell) doubles the encoder to 8 Transformer blocks (`DEEP_LAYERS`; fine-tuning cells
 start from `DEEP_BASE_WORKDIR`, which `none,scratch,deep` trains): a test of the paper's premise
 that an over-parameterized encoder has components to amortize; static strings then need 8 digits.
@@ -64,6 +68,8 @@ SCRATCH_COMPUTE_RAMP = (1200, 400)
 # 100 steps without the compute loss (the gates still sample: component dropout), then 300 steps
 # of linear ramp, then 200 at full weight.
 FINETUNE_COMPUTE_RAMP = (100, 300)
+# The `distill` option: the KL term's weight (nats per utterance, like the CTC term at weight 1).
+DISTILL_WEIGHT = 1.0
 
 
 def _commands_tt(arg):
@@ -73,7 +79,7 @@ def _commands_tt(arg):
 def parse(arg: str | None) -> dict:
     """'arbitrator,4,block' -> {'tiny': False, 'method': 'arbitrator', 'value': 4.0, ...}."""
     tokens = [t for t in (arg or "").split(",") if t]
-    flags = {"tiny", "scratch", "block", "st", "gumbel_soft", "chunk", "deep", "ramp"}
+    flags = {"tiny", "scratch", "block", "st", "gumbel_soft", "chunk", "deep", "ramp", "distill"}
     rest = [t for t in tokens if t not in flags]
     method = rest[0] if rest else "arbitrator"
     values = rest[1:]
@@ -88,12 +94,13 @@ def parse(arg: str | None) -> dict:
         ok = False
     ok = ok and not ("tiny" in tokens and "scratch" in tokens)
     ok = ok and not ("ramp" in tokens and "scratch" in tokens)  # scratch has its own ramp
+    ok = ok and not ("distill" in tokens and method not in ("arbitrator", "static"))
     if not ok or (method == "window" and (value != int(value) or value < 0)):
         raise ValueError(
             f"unknown variant {arg!r}; use 'none', "
-            "'arbitrator[,WEIGHT][,block][,chunk][,ramp][,st|gumbel_soft]' "
-            "'window,LEFT_CHUNKS' or 'static,ATTN,FFN' (e.g. static,0001,1101; optionally "
-            "with 'tiny', 'scratch' or 'deep'), e.g. "
+            "'arbitrator[,WEIGHT][,block][,chunk][,ramp][,distill][,st|gumbel_soft]' "
+            "'window,LEFT_CHUNKS' or 'static,ATTN,FFN[,distill]' (e.g. static,0001,1101; "
+            "optionally with 'tiny', 'scratch' or 'deep'), e.g. "
             "commands_arbitrator.py:"
             "arbitrator,4"
         )
@@ -107,6 +114,7 @@ def parse(arg: str | None) -> dict:
         chunk="chunk" in tokens,
         deep="deep" in tokens,
         ramp="ramp" in tokens,
+        distill="distill" in tokens,
         estimator=estimator or "gumbel_st",
         static=pruning,
     )
@@ -131,6 +139,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.left_chunks = int(p["value"])
     elif p["method"] == "static":
         c.model.static_attention, c.model.static_ffn = p["static"]
+    if p["distill"]:
+        c.model.full_pass_weight = 1.0
+        c.model.distill_weight = DISTILL_WEIGHT
     if p["tiny"]:
         return c
     if p["scratch"]:

@@ -55,6 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             gate_per_chunk=False,  # one gate decision per attention chunk (streaming skips)
             static_attention="",  # static pruning, one '0'/'1' per layer ('' = all on)
             static_ffn="",
+            full_pass_weight=0.0,  # in-place self-distillation of a gated encoder
+            distill_weight=0.0,  # (jaxspeech.models.config; the `distill` option)
             joint_dim=640,
             dtype="float32",
             param_dtype="float32",

@@ -28,6 +28,8 @@ CONFIGS = [
     ("commands_arbitrator.py", "static,0001,1101,scratch"),
     ("commands_arbitrator.py", "arbitrator,32,deep,chunk"),
     ("commands_arbitrator.py", "arbitrator,64,deep,chunk,ramp"),
+    ("commands_arbitrator.py", "arbitrator,64,scratch,deep,distill"),
+    ("commands_arbitrator.py", "static,0001,1101,scratch,distill"),
     ("librispeech_arbitrator.py", None),
     ("librispeech_arbitrator.py", "30,/data/LibriSpeech"),
     ("commands_squashed.py", None),
@@ -104,6 +106,12 @@ def test_static_pruning_variant():
     for bad in ("static", "static,0001", "static,01x1,1111", "static,0001,1101,2"):
         with pytest.raises(ValueError, match="unknown variant"):
             load("commands_arbitrator.py", bad)
+    with pytest.raises(ValueError, match="unknown variant"):  # distill needs a gated encoder
+        load("commands_arbitrator.py", "window,1,distill")
+    model_cfg = state_lib.model_config(
+        load("commands_arbitrator.py", "static,0001,1101,scratch,distill")[1].model, vocab_size=30
+    )
+    assert (model_cfg.full_pass_weight, model_cfg.distill_weight) == (1.0, 1.0)
     with pytest.raises(ValueError, match="static_ffn must be"):  # 4 layers, not 3
         cfg = load("commands_arbitrator.py", "static,0001,110")[1]
         state_lib.model_config(cfg.model, vocab_size=30)

@@ -80,6 +80,14 @@ class TransducerConfig:
     # "none"; executed FLOPs, skipping streaming and gathered execution treat it as fixed gates.
     static_attention: str = ""
     static_ffn: str = ""
+    # In-place self-distillation of a gated encoder (arbitrators or static pruning; the
+    # `TransformerTransducer.loss_terms` docstring): each training step also runs the ungated
+    # encoder on the same batch. `full_pass_weight` weighs that pass's own task loss (RNN-T plus
+    # `ctc_weight` * CTC), so the shared weights keep serving the whole encoder; `distill_weight`
+    # weighs the KL divergence from its CTC-head posteriors (the teacher, no gradient) to the
+    # gated pass's, summed over frames (needs `ctc_weight` > 0). 0 = off.
+    full_pass_weight: float = 0.0
+    distill_weight: float = 0.0
 
     def __post_init__(self):
         f = self.subsampling_factor
@@ -114,6 +122,19 @@ class TransducerConfig:
                 )
             if value and self.arbitrator != "none":
                 raise ValueError(f"{name} (static pruning) needs arbitrator 'none'")
+        if self.full_pass_weight < 0 or self.distill_weight < 0:
+            raise ValueError("need full_pass_weight >= 0 and distill_weight >= 0")
+        if (self.full_pass_weight or self.distill_weight) and not (
+            self.arbitrator != "none" or self.static_gates
+        ):
+            raise ValueError(
+                "full_pass_weight / distill_weight (self-distillation) need a gated encoder: "
+                "set model.arbitrator or model.static_attention / model.static_ffn"
+            )
+        if self.distill_weight and not self.ctc_weight:
+            raise ValueError(
+                "distill_weight distills the CTC head's posteriors: set model.ctc_weight > 0"
+            )
         if not 0 <= self.activation_bits <= 8:
             raise ValueError(
                 f"activation_bits must be 0 (float) or 1..8, got {self.activation_bits}"

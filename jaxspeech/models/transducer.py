@@ -127,6 +127,13 @@ class TransformerTransducer(nnx.Module):
             loss = loss + self.cfg.ctc_weight * terms["ctc"]
         if "compute" in terms:
             loss = loss + self.cfg.compute_weight * terms["compute"]
+        if "rnnt_full" in terms:
+            full = terms["rnnt_full"]
+            if "ctc_full" in terms:
+                full = full + self.cfg.ctc_weight * terms["ctc_full"]
+            loss = loss + self.cfg.full_pass_weight * full
+        if "distill" in terms:
+            loss = loss + self.cfg.distill_weight * terms["distill"]
         return loss
 
     def loss_terms(
@@ -142,6 +149,14 @@ class TransformerTransducer(nnx.Module):
         makes the encoder frame-discriminative early in training; with arbitrators, `compute`: the
         executed gated-encoder FLOPs under the (relaxed) gates as a fraction of the ungated
         encoder's (`flops.compute_fraction`; differentiable in the gates).
+
+        In-place self-distillation (`full_pass_weight` / `distill_weight` > 0, a gated encoder):
+        the same batch also runs through the ungated encoder (every component on every frame,
+        the same weights), giving `rnnt_full` (and `ctc_full`): that pass's task loss, which keeps
+        the shared weights good for the whole encoder; and `distill`: sum over valid frames of
+        KL(p_full || p_gated) between the CTC head's posteriors of the two passes, the teacher
+        held fixed (stop-gradient), so the gated encoder learns to reproduce the whole encoder's
+        frame decisions with the components it keeps. The predictor is shared by both passes.
         """
         enc, enc_lengths, trace = self.encode_with_trace(feats, feat_lengths)
         enc_proj = self.joint.project_encoder(enc)
@@ -160,6 +175,34 @@ class TransformerTransducer(nnx.Module):
             terms["ctc"] = self.ctc_loss(enc, enc_lengths, labels, label_lengths)
         if self.encoder.arbitrator is not None:
             terms["compute"] = flops.compute_fraction(self.cfg, enc_lengths, trace.attn, trace.ffn)
+        if self.cfg.full_pass_weight > 0 or self.cfg.distill_weight > 0:
+            terms.update(
+                self._full_pass_terms(feats, feat_lengths, enc, pred_proj, joint_fn, labels,
+                                      label_lengths)
+            )  # fmt: skip
+        return terms
+
+    def _full_pass_terms(self, feats, feat_lengths, enc, pred_proj, joint_fn, labels,
+                         label_lengths):  # fmt: skip
+        """The ungated pass of in-place self-distillation (see `loss_terms`)."""
+        on = jnp.ones((self.cfg.num_layers, *enc.shape[:2]), jnp.float32)
+        full, enc_lengths = self.encode(feats, feat_lengths, attn_gates=on, ffn_gates=on)
+        terms = {}
+        if self.cfg.full_pass_weight > 0:
+            terms["rnnt_full"] = rnnt_loss_fused(
+                self.joint.project_encoder(full), pred_proj, joint_fn, labels, enc_lengths,
+                label_lengths, blank_id=0,
+            )  # fmt: skip
+            if self.cfg.ctc_weight > 0:
+                terms["ctc_full"] = self.ctc_loss(full, enc_lengths, labels, label_lengths)
+        if self.cfg.distill_weight > 0:
+            teacher = jax.nn.log_softmax(
+                jax.lax.stop_gradient(self.ctc_head(full).astype(jnp.float32))
+            )
+            student = jax.nn.log_softmax(self.ctc_head(enc).astype(jnp.float32))
+            kl = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)  # [B, T]
+            valid = length_mask(enc_lengths, enc.shape[1])
+            terms["distill"] = jnp.sum(jnp.where(valid, kl, 0.0), axis=1)
         return terms
 
     def ctc_loss(

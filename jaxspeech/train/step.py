@@ -141,8 +141,9 @@ def make_train_step(
         }
         if quant_rules is not None:
             metrics["quant_regularizer"] = reg
-        if "compute" in sums:
-            metrics["compute"] = sums["compute"] / jnp.maximum(count, 1.0)
+        for name in ("compute", "rnnt_full", "distill"):
+            if name in sums:
+                metrics[name] = sums[name] / jnp.maximum(count, 1.0)
         if compute_ramp is not None:
             metrics["compute_weight_scale"] = compute_ramp(step)
         return new, metrics
