@@ -114,7 +114,8 @@ def test_config_validation():
 
 @pytest.mark.slow
 def test_train_step_reports_the_distillation_terms():
-    """One real jitted train step of `commands_arbitrator.py:tiny,arbitrator,2,distill`."""
+    """One real jitted train step of `commands_arbitrator.py:tiny,arbitrator,2,distill` (without a
+    temperature schedule: the gates' RNG state must still be traced in the loss)."""
     import os
 
     from jaxspeech import features, pyfile
@@ -135,7 +136,6 @@ def test_train_step_reports_the_distillation_terms():
     train_step = step_lib.make_train_step(
         graphdef, tx, schedule, feature_cfg=features.FeatureConfig(),
         state_shardings=shardings, batch_sharding=sharding.batch_sharding(mesh, rules),
-        gate_temperature=loop._gate_temperature(model_cfg, config.train),
         compute_ramp=loop._compute_ramp(model_cfg, config.train),
     )  # fmt: skip
     rng = np.random.default_rng(0)

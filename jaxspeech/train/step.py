@@ -64,13 +64,15 @@ def _loss_sums(model, batch, feats, feat_lengths, compute_scale=None):
 
 
 def _with_temperature(rest, gate_temperature, step):
-    """The non-parameter state with the arbitrator's `GateTemperature` set to its value at step."""
-    if gate_temperature is None:
-        return rest
-    tau = jnp.asarray(gate_temperature(step), jnp.float32)
+    """The non-parameter state with the arbitrator's `GateTemperature` set to its value at step
+    (None: unchanged). Always a new tree: the loss mutates RNG counters (the arbitrator's gate
+    noise) inside the gradient's trace, so their variables must be created in it."""
+    tau = None if gate_temperature is None else jnp.asarray(gate_temperature(step), jnp.float32)
 
     def put(path, leaf):
-        return tau if "['arbitrator']['temperature']" in jax.tree_util.keystr(path) else leaf
+        if tau is not None and "['arbitrator']['temperature']" in jax.tree_util.keystr(path):
+            return tau
+        return leaf
 
     return jax.tree_util.tree_map_with_path(put, rest)
 
