@@ -2,29 +2,21 @@
 the ungated pass's terms against the ungated model and a hand-computed KL, the teacher's
 stop-gradient, the combined loss, and a real train step."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_arbitrator import CFG as ARB_CFG  # tests/test_arbitrator.py
 
 from jaxspeech.models import TransducerConfig, TransformerTransducer
 from jaxspeech.models.attention import length_mask
 
-CFG = TransducerConfig(
-    vocab_size=12,
-    d_model=32,
-    num_heads=2,
-    mlp_dim=48,
-    num_layers=2,
-    subsampling_channels=4,
-    chunk_size=4,
-    left_chunks=2,
-    predictor_dim=16,
-    joint_dim=16,
-    dropout=0.0,
-    ctc_weight=0.5,
-)
+# The arbitrator tests' tiny model, without arbitrators (static pruning needs none), with a CTC
+# head (the KL reads it) and no dropout (the two passes comparable).
+CFG = dataclasses.replace(ARB_CFG, arbitrator="none", dropout=0.0, ctc_weight=0.5)
 WEIGHTS = dict(full_pass_weight=0.7, distill_weight=1.3)
 LENGTHS = jnp.array([128, 90])
 LABELS = jnp.array([[3, 4, 5, 6, 7], [1, 2, 3, 0, 0]])
