@@ -3,6 +3,7 @@ the ungated pass's terms against the ungated model and a hand-computed KL, the t
 stop-gradient, the combined loss, and a real train step."""
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +12,12 @@ import pytest
 from flax import nnx
 from test_arbitrator import CFG as ARB_CFG  # tests/test_arbitrator.py
 
+from jaxspeech import features, pyfile
 from jaxspeech.models import TransducerConfig, TransformerTransducer
 from jaxspeech.models.attention import length_mask
+from jaxspeech.train import loop, sharding
+from jaxspeech.train import state as state_lib
+from jaxspeech.train import step as step_lib
 
 # The arbitrator tests' tiny model, without arbitrators (static pruning needs none), with a CTC
 # head (the KL reads it) and no dropout (the two passes comparable).
@@ -108,13 +113,6 @@ def test_config_validation():
 def test_train_step_reports_the_distillation_terms():
     """One real jitted train step of `commands_arbitrator.py:tiny,arbitrator,2,distill` (without a
     temperature schedule: the gates' RNG state must still be traced in the loss)."""
-    import os
-
-    from jaxspeech import features, pyfile
-    from jaxspeech.train import loop, sharding
-    from jaxspeech.train import state as state_lib
-    from jaxspeech.train import step as step_lib
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     config = pyfile.load(os.path.join(root, "experiments", "commands_arbitrator.py")).get_config(
         "tiny,arbitrator,2,distill"
