@@ -99,11 +99,16 @@ class TransformerTransducer(nnx.Module):
         """`encode`, plus the gates used (`GateTrace`); `capacity`: gathered execution
         (`jaxspeech.models.encoder`), frames per utterance per component."""
         x, enc_lengths = self.subsampling(self._normalize(feats, feat_lengths), feat_lengths)
-        enc, trace = self.encoder.forward(
+        enc, trace = self._blocks(
             x, enc_lengths, attn_gates=attn_gates, ffn_gates=ffn_gates, capacity=capacity
         )
+        return enc, enc_lengths, trace
+
+    def _blocks(self, x, enc_lengths, **gating) -> tuple[jax.Array, GateTrace]:
+        """The Transformer stack on subsampled frames, frames beyond enc_lengths zeroed."""
+        enc, trace = self.encoder.forward(x, enc_lengths, **gating)
         valid = length_mask(enc_lengths, enc.shape[1])[..., None]
-        return jnp.where(valid, enc, jnp.zeros_like(enc)), enc_lengths, trace
+        return jnp.where(valid, enc, jnp.zeros_like(enc)), trace
 
     def predict(self, labels: jax.Array) -> jax.Array:
         """labels int [B,U] -> [B,U+1,P]; position 0 is the blank start symbol."""
@@ -158,7 +163,9 @@ class TransformerTransducer(nnx.Module):
         held fixed (stop-gradient), so the gated encoder learns to reproduce the whole encoder's
         frame decisions with the components it keeps. The predictor is shared by both passes.
         """
-        enc, enc_lengths, trace = self.encode_with_trace(feats, feat_lengths)
+        # Subsampled once: an ungated pass (self-distillation) shares the front end.
+        x, enc_lengths = self.subsampling(self._normalize(feats, feat_lengths), feat_lengths)
+        enc, trace = self._blocks(x, enc_lengths)
         enc_proj = self.joint.project_encoder(enc)
         pred_proj = self.joint.project_predictor(self.predict(labels))
         graphdef, joint_state = nnx.split(self.joint)
@@ -177,16 +184,16 @@ class TransformerTransducer(nnx.Module):
             terms["compute"] = flops.compute_fraction(self.cfg, enc_lengths, trace.attn, trace.ffn)
         if self.cfg.full_pass_weight > 0 or self.cfg.distill_weight > 0:
             terms.update(
-                self._full_pass_terms(feats, feat_lengths, enc, pred_proj, joint_fn, labels,
+                self._full_pass_terms(x, enc_lengths, enc, pred_proj, joint_fn, labels,
                                       label_lengths)
             )  # fmt: skip
         return terms
 
-    def _full_pass_terms(self, feats, feat_lengths, enc, pred_proj, joint_fn, labels,
-                         label_lengths):  # fmt: skip
-        """The ungated pass of in-place self-distillation (see `loss_terms`)."""
+    def _full_pass_terms(self, x, enc_lengths, enc, pred_proj, joint_fn, labels, label_lengths):
+        """The ungated pass of in-place self-distillation (see `loss_terms`), from the gated
+        pass's subsampled frames `x` and encoder output `enc`."""
         on = jnp.ones((self.cfg.num_layers, *enc.shape[:2]), jnp.float32)
-        full, enc_lengths = self.encode(feats, feat_lengths, attn_gates=on, ffn_gates=on)
+        full, _ = self._blocks(x, enc_lengths, attn_gates=on, ffn_gates=on)
         terms = {}
         if self.cfg.full_pass_weight > 0:
             terms["rnnt_full"] = rnnt_loss_fused(
