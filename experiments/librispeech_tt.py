@@ -55,6 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             gate_per_chunk=False,  # one gate decision per attention chunk (streaming skips)
             static_attention="",  # static pruning, one '0'/'1' per layer ('' = all on)
             static_ffn="",
+            compute_target=0.0,  # a compute budget instead of a price (jaxspeech.models.config)
             full_pass_weight=0.0,  # in-place self-distillation of a gated encoder
             distill_weight=0.0,  # (jaxspeech.models.config; the `distill` option)
             joint_dim=640,

@@ -71,6 +71,13 @@ class TransducerConfig:
     # is the FLOP fraction; s > 1: attention takes s times longer per FLOP on the target
     # hardware, as measured by `scripts/bench_arbitrator.py --component_costs`).
     attention_cost: float = 1.0
+    # A compute budget instead of a price (0 = off: the loss is `compute_weight` * the executed
+    # fraction, the paper's form). With a target c in (0, 1], the compute loss is
+    # `compute_weight` * max(0, mean fraction over the batch - c): no pressure once the batch's
+    # mean executed compute is within the budget, so the weight can be large and on early
+    # without the gates collapsing below it, and utterances may spend more or less than c as
+    # long as the batch's mean does not (`flops.budget_excess`).
+    compute_target: float = 0.0
     # One gate decision per attention chunk (`chunk_size` frames, from the mean of the chunk's
     # frame logits) instead of per frame: streaming then runs or skips whole chunks.
     gate_per_chunk: bool = False
@@ -113,6 +120,12 @@ class TransducerConfig:
             )
         if self.compute_weight < 0 or self.arbitrator_dim < 1 or self.attention_cost <= 0:
             raise ValueError("need compute_weight >= 0, arbitrator_dim >= 1, attention_cost > 0")
+        if not 0 <= self.compute_target <= 1:
+            raise ValueError(
+                f"compute_target must be 0 (off) or a fraction in (0, 1], got {self.compute_target}"
+            )
+        if self.compute_target and self.arbitrator == "none":
+            raise ValueError("compute_target (a compute budget) needs arbitrators (model.arbitrator)")
         for name in ("static_attention", "static_ffn"):
             value = getattr(self, name)
             if value and (len(value) != self.num_layers or set(value) - {"0", "1"}):

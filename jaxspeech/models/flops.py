@@ -109,3 +109,15 @@ def compute_fraction(
     executed = s * (f["attention_proj"] + f["attention_context"]) + f["ffn"] + f["arbitrator"]
     ungated = s * f["attention_full"] + f["ffn_full"]
     return executed / jnp.maximum(ungated, 1.0)
+
+
+def budget_excess(fraction: jax.Array, valid: jax.Array, target: float) -> jax.Array:
+    """The compute budget's loss term per utterance [B] (`TransducerConfig.compute_target`):
+    its mean over the valid utterances is max(0, mean(fraction) - target), the batch's excess
+    over the budget. Below the budget every entry is 0; above it, each valid utterance's
+    entry is fraction - target, so each one's gradient is the plain compute loss's and an
+    utterance under the budget still pays (the batch's mean is what is bounded)."""
+    valid = valid.astype(fraction.dtype)
+    mean = jnp.sum(fraction * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+    over = jax.lax.stop_gradient((mean > target).astype(fraction.dtype))
+    return (fraction - target) * over * valid

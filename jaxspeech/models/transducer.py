@@ -126,11 +126,14 @@ class TransformerTransducer(nnx.Module):
         return self.combine_loss_terms(self.loss_terms(feats, feat_lengths, labels, label_lengths))
 
     def combine_loss_terms(self, terms: dict[str, jax.Array]) -> jax.Array:
-        """rnnt + ctc_weight * ctc + compute_weight * compute (the terms present)."""
+        """rnnt + ctc_weight * ctc + compute_weight * compute (or * compute_excess, with a compute
+        budget) + the self-distillation terms (the terms present)."""
         loss = terms["rnnt"]
         if "ctc" in terms:
             loss = loss + self.cfg.ctc_weight * terms["ctc"]
-        if "compute" in terms:
+        if "compute_excess" in terms:  # a compute budget (`cfg.compute_target`)
+            loss = loss + self.cfg.compute_weight * terms["compute_excess"]
+        elif "compute" in terms:
             loss = loss + self.cfg.compute_weight * terms["compute"]
         if "rnnt_full" in terms:
             full = terms["rnnt_full"]
@@ -153,7 +156,9 @@ class TransformerTransducer(nnx.Module):
         `optax.ctc_loss`, blank 0) of a linear head on the encoder output, an auxiliary target that
         makes the encoder frame-discriminative early in training; with arbitrators, `compute`: the
         executed gated-encoder FLOPs under the (relaxed) gates as a fraction of the ungated
-        encoder's (`flops.compute_fraction`; differentiable in the gates).
+        encoder's (`flops.compute_fraction`; differentiable in the gates); with a compute budget
+        (`cfg.compute_target`), also `compute_excess` (`flops.budget_excess`), which then takes
+        the compute term's place in the loss.
 
         In-place self-distillation (`full_pass_weight` / `distill_weight` > 0, a gated encoder):
         the same batch also runs through the ungated encoder (every component on every frame,
@@ -182,6 +187,10 @@ class TransformerTransducer(nnx.Module):
             terms["ctc"] = self.ctc_loss(enc, enc_lengths, labels, label_lengths)
         if self.encoder.arbitrator is not None:
             terms["compute"] = flops.compute_fraction(self.cfg, enc_lengths, trace.attn, trace.ffn)
+            if self.cfg.compute_target > 0:
+                terms["compute_excess"] = flops.budget_excess(
+                    terms["compute"], enc_lengths > 0, self.cfg.compute_target
+                )
         if self.cfg.full_pass_weight > 0 or self.cfg.distill_weight > 0:
             terms.update(
                 self._full_pass_terms(x, enc_lengths, enc, pred_proj, joint_fn, labels,

@@ -55,8 +55,10 @@ def _loss_sums(model, batch, feats, feat_lengths, compute_scale=None):
     terms = model.loss_terms(feats, feat_lengths, batch["labels"], batch["label_lengths"])
     valid = (batch["audio_lengths"] > 0).astype(jnp.float32)
     weighted = dict(terms)
-    if compute_scale is not None and "compute" in terms:
-        weighted["compute"] = terms["compute"] * compute_scale
+    if compute_scale is not None:
+        for name in ("compute", "compute_excess"):
+            if name in terms:
+                weighted[name] = terms[name] * compute_scale
     per_example = model.combine_loss_terms(weighted).astype(jnp.float32) * valid
     num_tokens = jnp.sum(batch["label_lengths"].astype(jnp.float32) * valid)
     sums = {k: jnp.sum(v.astype(jnp.float32) * valid) for k, v in terms.items()}
@@ -143,7 +145,7 @@ def make_train_step(
         }
         if quant_rules is not None:
             metrics["quant_regularizer"] = reg
-        for name in ("compute", "rnnt_full", "distill"):
+        for name in ("compute", "compute_excess", "rnnt_full", "distill"):
             if name in sums:
                 metrics[name] = sums[name] / jnp.maximum(count, 1.0)
         if compute_ramp is not None:
