@@ -125,7 +125,9 @@ class TransducerConfig:
                 f"compute_target must be 0 (off) or a fraction in (0, 1], got {self.compute_target}"
             )
         if self.compute_target and self.arbitrator == "none":
-            raise ValueError("compute_target (a compute budget) needs arbitrators (model.arbitrator)")
+            raise ValueError(
+                "compute_target (a compute budget) needs arbitrators (model.arbitrator)"
+            )
         for name in ("static_attention", "static_ffn"):
             value = getattr(self, name)
             if value and (len(value) != self.num_layers or set(value) - {"0", "1"}):
