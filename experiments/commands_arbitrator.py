@@ -31,6 +31,15 @@ that an over-parameterized encoder has components to amortize; static strings th
 the arbitrators jointly from the first step (the paper's setting), the compute loss off for the
 first half and ramped in after (`SCRATCH_COMPUTE_RAMP`); `none,scratch` is the main job.
 
+A compute budget instead of a price (`model.compute_target`, any `arbitrator` cell): the loss
+pays the weight times the batch's mean executed fraction in excess of the target, nothing within
+it, so the gates settle at the budget and stay there; e.g. 38% of the deep encoder's compute,
+the compute loss ramped in over steps 400-800:
+
+  python scripts/train.py --config experiments/commands_arbitrator.py:arbitrator,64,scratch,deep \
+      --workdir runs/arb_deep_budget38 --config.model.compute_target=0.38 \
+      "--config.train.compute_ramp=(400,400)"
+
   python scripts/train.py --config experiments/commands_arbitrator.py:arbitrator,4 \
       --workdir runs/arbitrator/arbitrator_4
 
