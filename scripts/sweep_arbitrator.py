@@ -4,7 +4,9 @@ r"""The arbitrator sweep: compute-loss weights against sliding-window attention,
 
 Cells (`experiments/commands_arbitrator.py`): `none` (the baseline: the same fine-tuning of the
 trained model in `--base`, no arbitrators), `arbitrator_<W>` for each compute-loss weight in
-`--weights`, `window_<N>` (attention limited to N left chunks) for each N in `--windows`. Each
+`--weights`, `window_<N>` (attention limited to N left chunks) for each N in `--windows`, and
+`budget_<C>` (arbitrators with a compute budget, `budget=C`, at weight `--budget_weight`) for
+each fraction in `--budgets` (none by default). Each
 cell trains (unless its workdir already holds eval.json: the sweep resumes) and reports its test
 WER (beam search); then, after every cell is trained, each is measured against `none` on the first
 `--utterances` test utterances (`scripts/bench_arbitrator.py`): executed encoder FLOPs as a
@@ -47,6 +49,8 @@ def cells(args) -> list[tuple[str, str, float]]:
     out = [("none", "none", 0.0)]
     out += [(f"arbitrator_{w:g}", f"arbitrator,{w:g}", w) for w in args.weights]
     out += [(f"window_{n}", f"window,{n}", float(n)) for n in args.windows]
+    w = args.budget_weight
+    out += [(f"budget_{c:g}", f"arbitrator,{w:g},budget={c:g}", c) for c in args.budgets]
     options = [o for o in args.options.split(",") if o]
     return [(name, ",".join([arg, *options]), knob) for name, arg, knob in out]
 
@@ -102,16 +106,20 @@ def plot(rows: list[dict], out: str) -> None:
 
     groups = {
         "arbitrators": [r for r in rows if r["cell"].startswith("arbitrator")],
+        "arbitrators, compute budget": [r for r in rows if r["cell"].startswith("budget")],
         "sliding window": [r for r in rows if r["cell"].startswith("window")],
         "baseline (no gates)": [rows[0]],
     }
-    styles = {"arbitrators": "o-", "sliding window": "s--", "baseline (no gates)": "k*"}
+    styles = {"arbitrators": "o-", "arbitrators, compute budget": "^-",
+              "sliding window": "s--", "baseline (no gates)": "k*"}  # fmt: skip
     for name, key, ylabel in (
         ("wer_vs_compute.png", "wer", "test WER (%)"),
         ("walltime_vs_compute.png", "stream_ratio", "streaming encoder wall time / baseline"),
     ):
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, group in groups.items():
+            if not group:
+                continue
             group = sorted(group, key=lambda r: r["compute_gated"])
             xs = [100 * r["compute_gated"] for r in group]
             ys = [(100 if key == "wer" else 1) * r[key] for r in group]
@@ -134,6 +142,8 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/arbitrator")
     parser.add_argument("--weights", default="8,16,32,64", help="compute-loss weights")
     parser.add_argument("--windows", default="0,1,2", help="left chunks of sliding windows")
+    parser.add_argument("--budgets", default="", help="compute budgets (fractions), e.g. 0.3,0.4")
+    parser.add_argument("--budget_weight", type=float, default=64.0, help="the budgets' weight")
     parser.add_argument("--utterances", type=int, default=200, help="test utterances timed")
     parser.add_argument("--options", default="", help="variant options for every cell")
     parser.add_argument("--steps", type=int, default=0, help="override the fine-tuning steps")
@@ -143,6 +153,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.weights = [float(w) for w in args.weights.split(",") if w]
     args.windows = [int(n) for n in args.windows.split(",") if n]
+    args.budgets = [float(c) for c in args.budgets.split(",") if c]
     logging.set_verbosity(logging.WARNING)
     os.makedirs(args.out, exist_ok=True)
     reports = {}

@@ -30,6 +30,7 @@ CONFIGS = [
     ("commands_arbitrator.py", "arbitrator,64,deep,chunk,ramp"),
     ("commands_arbitrator.py", "arbitrator,64,scratch,deep,distill"),
     ("commands_arbitrator.py", "static,0001,1101,scratch,distill"),
+    ("commands_arbitrator.py", "arbitrator,64,scratch,deep,budget=0.38"),
     ("librispeech_arbitrator.py", None),
     ("librispeech_arbitrator.py", "30,/data/LibriSpeech"),
     ("commands_squashed.py", None),
@@ -115,6 +116,21 @@ def test_static_pruning_variant():
     with pytest.raises(ValueError, match="static_ffn must be"):  # 4 layers, not 3
         cfg = load("commands_arbitrator.py", "static,0001,110")[1]
         state_lib.model_config(cfg.model, vocab_size=30)
+
+
+def test_budget_variant():
+    """`budget=C`: the compute target, and from scratch the budget's earlier compute ramp."""
+    module, config = load("commands_arbitrator.py", "arbitrator,64,scratch,deep,budget=0.38")
+    model_cfg = state_lib.model_config(config.model, vocab_size=30, bf16=False)
+    assert (model_cfg.compute_target, model_cfg.compute_weight) == (0.38, 64.0)
+    assert tuple(config.train.compute_ramp) == module.SCRATCH_BUDGET_RAMP
+    price = load("commands_arbitrator.py", "arbitrator,64,scratch,deep")[1]
+    assert price.model.compute_target == 0.0
+    assert tuple(price.train.compute_ramp) == module.SCRATCH_COMPUTE_RAMP
+    for bad in ("arbitrator,64,budget=1.5", "arbitrator,64,budget=x", "window,1,budget=0.4",
+                "static,0001,1101,budget=0.4", "arbitrator,64,budget=0.3,budget=0.4"):  # fmt: skip
+        with pytest.raises(ValueError, match="unknown variant"):
+            load("commands_arbitrator.py", bad)
 
 
 def test_deep_variant():

@@ -276,15 +276,19 @@ def test_arbitrator_run_warm_starts_and_reports_compute(trained, arbitrated):
 
 def test_sweep_arbitrator_cells_take_variant_options():
     sweep = script("sweep_arbitrator")
-    args = sweep.argparse.Namespace(weights=[16.0], windows=[1], options="deep,chunk")
+    args = sweep.argparse.Namespace(
+        weights=[16.0], windows=[1], budgets=[0.4], budget_weight=64.0, options="deep,chunk"
+    )
     assert sweep.cells(args) == [
         ("none", "none,deep,chunk", 0.0),
         ("arbitrator_16", "arbitrator,16,deep,chunk", 16.0),
         ("window_1", "window,1,deep,chunk", 1.0),
+        ("budget_0.4", "arbitrator,64,budget=0.4,deep,chunk", 0.4),
     ]
     configs = [sweep.experiment().get_config(arg) for _, arg, _ in sweep.cells(args)]
-    assert [c.model.num_layers for c in configs] == [8, 8, 8]
-    assert [c.model.gate_per_chunk for c in configs] == [False, True, False]
+    assert [c.model.num_layers for c in configs] == [8, 8, 8, 8]
+    assert [c.model.gate_per_chunk for c in configs] == [False, True, False, True]
+    assert [c.model.compute_target for c in configs] == [0.0, 0.0, 0.0, 0.4]
 
 
 def test_streaming_timings_interleave_the_passes():
