@@ -74,8 +74,8 @@ SCRATCH_ARB_LR_SCALE = 5.0
 # component (test WER 21.89%, experiments/RESULTS.md). Half the run ungated, then a linear ramp.
 SCRATCH_COMPUTE_RAMP = (1200, 400)
 # With a compute budget (`budget=C`) the gates stop at the budget, so the compute loss can come
-# earlier: off for 400 steps, ramped in over 400 (of (0,0), (100,100), (200,200), (400,400) at
-# budget 0.38 and weight 64, the lowest test WER; experiments/RESULTS.md).
+# earlier: off for 400 steps, ramped in over 400 (of (0,0), (100,100), (200,200), (400,400) and
+# (800,400) at budget 0.38 and weight 64, the lowest test WER; experiments/RESULTS.md).
 SCRATCH_BUDGET_RAMP = (400, 400)
 # The `ramp` option for fine-tuning: at full weight from step 0 the gates settle within 100 of the
 # 600 steps (experiments/RESULTS.md), before the encoder can adapt to what it loses. With the ramp,
