@@ -96,7 +96,7 @@ def parse(arg: str | None) -> dict:
     budgets = [t for t in tokens if t.startswith("budget=")]
     tokens = [t for t in tokens if not t.startswith("budget=")]
     try:
-        budget = float(budgets[-1].split("=", 1)[1]) if budgets else 0.0
+        budget = float(budgets[0].split("=", 1)[1]) if budgets else 0.0
     except ValueError:
         budget = -1.0  # rejected below
     flags = {"tiny", "scratch", "block", "st", "gumbel_soft", "chunk", "deep", "ramp", "distill"}

@@ -30,8 +30,8 @@ def test_budget_excess_is_the_batch_means_hinge():
     np.testing.assert_array_equal(within, np.zeros(4))
     grad = jax.grad(lambda f: jnp.sum(flops.budget_excess(f, valid, 0.6)))(fraction)
     np.testing.assert_array_equal(grad, np.zeros(4))
-    # With the padding row counted as valid, the mean would be 0.425 and the budget 0.6 slack
-    # either way, but 0.42 would bind: the mask decides.
+    # The mean is over the valid rows only (0.567 binds a budget of 0.42); counting the padding
+    # row would give 0.425, within a budget of 0.43.
     assert float(jnp.sum(flops.budget_excess(fraction, valid, 0.42))) > 0
     assert float(jnp.sum(flops.budget_excess(fraction, jnp.ones(4, bool), 0.43))) == 0
 

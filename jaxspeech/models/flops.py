@@ -119,5 +119,5 @@ def budget_excess(fraction: jax.Array, valid: jax.Array, target: float) -> jax.A
     utterance under the budget still pays (the batch's mean is what is bounded)."""
     valid = valid.astype(fraction.dtype)
     mean = jnp.sum(fraction * valid) / jnp.maximum(jnp.sum(valid), 1.0)
-    over = jax.lax.stop_gradient((mean > target).astype(fraction.dtype))
+    over = (mean > target).astype(fraction.dtype)  # a step: no gradient flows through it
     return (fraction - target) * over * valid
