@@ -155,6 +155,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             nonfinite="fail",  # NaN/Inf loss or gradient: 'fail' (naming step, batch) or 'skip'
             init_from="",  # a trained workdir to warm-start from (params, normalization, tokenizer)
             gate_temperature=(1.0, 1.0),  # arbitrator gates: (start, end), exponential anneal
+            hard_gate_steps=0,  # arbitrators: the last N steps train with the inference gates
         )
     )
 

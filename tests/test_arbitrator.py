@@ -3,6 +3,7 @@ loss's gradient, the gate estimators and the FLOP counter against brute force an
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -377,3 +378,51 @@ def test_config_validation():
         _model(static_attention="01")
     with pytest.raises(ValueError, match="attention_cost > 0"):
         _model(attention_cost=0.0)
+
+
+def test_hard_gate_phase_trains_with_the_inference_gates(feats):
+    """train.hard_gate_steps = N: temperature 0 for the last N steps, where every estimator gives
+    the inference gates 1[l > 0] (no noise, no gradient), so a training pass runs exactly the
+    components the test runs and the loss has no gradient on the arbitrator."""
+    tc = ml_collections.ConfigDict(
+        {"num_steps": 10, "gate_temperature": (1.0, 0.5), "hard_gate_steps": 4}
+    )
+    tau = loop._gate_temperature(CFG, tc)
+    assert float(tau(5)) > 0.5 and float(tau(6)) == 0.0 and float(tau(9)) == 0.0
+    tc.hard_gate_steps = 11
+    with pytest.raises(ValueError, match="hard_gate_steps"):
+        loop._gate_temperature(CFG, tc)
+    logits = jnp.linspace(-3.0, 3.0, 41)
+    for estimator in ("gumbel_st", "st", "gumbel_soft"):
+        g, grad = jax.value_and_grad(
+            lambda x, e=estimator: jnp.sum(relaxed_gates(x, e, 0.0, jax.random.key(3)) * x)
+        )(logits)
+        np.testing.assert_array_equal(
+            relaxed_gates(logits, estimator, 0.0, jax.random.key(3)), logits > 0
+        )
+        np.testing.assert_array_equal(grad, (logits > 0).astype(jnp.float32))  # only via "* x"
+    m = _model(compute_weight=50.0, dropout=0.0)
+    labels, label_lengths = jnp.array([[1, 2, 3], [4, 5, 0]]), jnp.array([3, 2])
+    m.eval()
+    _, _, test_gates = encode(m, feats)
+    m.train()
+    graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+    rest = step_lib._with_temperature(rest, lambda step: 0.0, 0)
+
+    @jax.jit
+    def run(p, r):
+        def loss(p):
+            model = nnx.merge(graphdef, p, r, copy=True)
+            terms = model.loss_terms(feats, LENGTHS, labels, label_lengths)
+            return jnp.mean(terms["rnnt"] + 50.0 * terms["compute"])
+
+        model = nnx.merge(graphdef, p, r, copy=True)
+        return model.encode_with_trace(feats, LENGTHS)[2], jax.grad(loss)(p)
+
+    train_gates, grads = run(params, rest)
+    np.testing.assert_array_equal(train_gates.attn, test_gates.attn)
+    np.testing.assert_array_equal(train_gates.ffn, test_gates.ffn)
+    assert 0 < float(jnp.mean(test_gates.ffn)) < 1  # the gates differ by frame: a real check
+    g = grads["encoder"]["arbitrator"]
+    assert float(optax_norm({k: v for k, v in g.items() if k != "temperature"})) == 0.0
+    assert float(optax_norm(grads["encoder"]["blocks"])) > 0  # the encoder still trains

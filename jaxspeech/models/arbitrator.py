@@ -25,7 +25,8 @@ chunk takes it: streaming then executes or skips a component for a whole chunk (
 mostly leave partial chunks, whose branch still runs). Gradients reach every frame's logit through
 the mean. At inference (`model.eval()`) every estimator gives the hard gate 1[l > 0]. The
 temperature tau lives in the model (`GateTemperature`) and the train step anneals it
-(`temperature_schedule`).
+(`temperature_schedule`); for the last `train.hard_gate_steps` it sets tau = 0, which trains
+with the inference gates themselves (`with_hard_phase`).
 Gates of padded frames are 0. `gate_init_bias` (the output bias, default 4: P(on) ~ 0.98) makes a
 fresh arbitrator keep nearly everything on, so warm-starting from a trained T-T starts from it.
 """
@@ -54,6 +55,26 @@ def temperature_schedule(start: float, end: float, num_steps: int):
         return start * (end / start) ** frac
 
     return schedule
+
+
+def with_hard_phase(schedule, num_steps: int, hard_steps: int):
+    """The temperature schedule with its last `hard_steps` of `num_steps` at 0: the train step
+    then samples no gates but uses the inference gates 1[l > 0] (`relaxed_gates`), so the
+    encoder's last steps train exactly the computation the test runs (relaxed gates are
+    stochastic: a component whose logit is 2 is off on 12% of the frames in training and on all
+    of them at test) and the arbitrators, without gradient, keep their decisions."""
+    if not 0 <= hard_steps <= num_steps:
+        raise ValueError(
+            f"train.hard_gate_steps must be in [0, train.num_steps = {num_steps}], got {hard_steps}"
+        )
+    if hard_steps == 0:
+        return schedule
+    start = num_steps - hard_steps
+
+    def hard_phase(step):
+        return jnp.where(jnp.asarray(step) >= start, 0.0, schedule(step))
+
+    return hard_phase
 
 
 def compute_ramp(delay: int, ramp: int):
@@ -95,16 +116,26 @@ def hard(gate: jax.Array) -> jax.Array:
 def relaxed_gates(
     logits: jax.Array, estimator: str, temperature, key: jax.Array | None
 ) -> jax.Array:
-    """Training-time gate values from logits (see the module docstring); key None = no noise."""
+    """Training-time gate values from logits (see the module docstring); key None = no noise.
+
+    Temperature 0 (a traced value may be 0: `with_hard_phase`) gives the inference gates
+    1[l > 0] instead, without noise and without gradient: the encoder then trains with exactly
+    the components it will run at test time, and the arbitrators are frozen."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"gate_estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    temperature = jnp.asarray(temperature, jnp.float32)
+    relaxing = temperature > 0
+    tau = jnp.where(relaxing, temperature, 1.0)  # no 0-division in the branch not taken
     noisy = logits
     if estimator != "st" and key is not None:
         noisy = logits + jax.random.logistic(key, logits.shape, logits.dtype)
-    soft = jax.nn.sigmoid(noisy / temperature)
+    soft = jax.nn.sigmoid(noisy / tau)
     if estimator == "gumbel_soft":
-        return soft
-    return (noisy > 0).astype(soft.dtype) + (soft - jax.lax.stop_gradient(soft))  # exactly 0/1
+        g = soft
+    else:
+        g = (noisy > 0).astype(soft.dtype) + (soft - jax.lax.stop_gradient(soft))  # exactly 0/1
+    inference = jax.lax.stop_gradient(logits > 0).astype(g.dtype)
+    return jnp.where(relaxing, g, inference)
 
 
 class Arbitrator(nnx.Module):

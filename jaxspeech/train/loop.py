@@ -339,11 +339,13 @@ def _warm_start_source(tc, workdir: str) -> str | None:
 
 def _gate_temperature(model_cfg, tc):
     """The arbitrator gate temperature schedule (train.gate_temperature = (start, end),
-    exponential over the run), or None for a model without arbitrators."""
+    exponential over the run; 0 for the last train.hard_gate_steps: hard gates, frozen
+    arbitrators), or None for a model without arbitrators."""
     if model_cfg.arbitrator == "none":
         return None
     start, end = tc.get("gate_temperature", (1.0, 1.0))
-    return arbitrator_lib.temperature_schedule(float(start), float(end), tc.num_steps)
+    tau = arbitrator_lib.temperature_schedule(float(start), float(end), tc.num_steps)
+    return arbitrator_lib.with_hard_phase(tau, tc.num_steps, int(tc.get("hard_gate_steps", 0)))
 
 
 def _compute_ramp(model_cfg, tc):
