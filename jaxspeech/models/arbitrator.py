@@ -62,7 +62,8 @@ def with_hard_phase(schedule, num_steps: int, hard_steps: int):
     then samples no gates but uses the inference gates 1[l > 0] (`relaxed_gates`), so the
     encoder's last steps train exactly the computation the test runs (relaxed gates are
     stochastic: a component whose logit is 2 is off on 12% of the frames in training and on all
-    of them at test) and the arbitrators, without gradient, keep their decisions."""
+    of them at test). The arbitrators get no gradient; only weight decay and Adam's momentum
+    still move them."""
     if not 0 <= hard_steps <= num_steps:
         raise ValueError(
             f"train.hard_gate_steps must be in [0, train.num_steps = {num_steps}], got {hard_steps}"
