@@ -61,7 +61,7 @@ def with_hard_phase(schedule, num_steps: int, hard_steps: int):
     """The temperature schedule with its last `hard_steps` of `num_steps` at 0: the train step
     then samples no gates but uses the inference gates 1[l > 0] (`relaxed_gates`), so the
     encoder's last steps train exactly the computation the test runs (relaxed gates are
-    stochastic: a component whose logit is 2 is off on 12% of the frames in training and on all
+    stochastic: a component whose logit is 2 runs on 88% of the frames in training and on all
     of them at test). The arbitrators get no gradient; only weight decay and Adam's momentum
     still move them."""
     if not 0 <= hard_steps <= num_steps:
