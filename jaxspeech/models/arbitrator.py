@@ -121,7 +121,7 @@ def relaxed_gates(
 
     Temperature 0 (a traced value may be 0: `with_hard_phase`) gives the inference gates
     1[l > 0] instead, without noise and without gradient: the encoder then trains with exactly
-    the components it will run at test time, and the arbitrators are frozen."""
+    the components it will run at test time, and no gradient reaches the arbitrators."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"gate_estimator must be one of {ESTIMATORS}, got {estimator!r}")
     temperature = jnp.asarray(temperature, jnp.float32)

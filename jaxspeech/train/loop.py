@@ -339,8 +339,8 @@ def _warm_start_source(tc, workdir: str) -> str | None:
 
 def _gate_temperature(model_cfg, tc):
     """The arbitrator gate temperature schedule (train.gate_temperature = (start, end),
-    exponential over the run; 0 for the last train.hard_gate_steps: hard gates, frozen
-    arbitrators), or None for a model without arbitrators."""
+    exponential over the run; 0 for the last train.hard_gate_steps: the inference
+    gates, no gradient to the arbitrators), or None for a model without arbitrators."""
     if model_cfg.arbitrator == "none":
         return None
     start, end = tc.get("gate_temperature", (1.0, 1.0))
