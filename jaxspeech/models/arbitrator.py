@@ -135,7 +135,7 @@ def relaxed_gates(
         g = soft
     else:
         g = (noisy > 0).astype(soft.dtype) + (soft - jax.lax.stop_gradient(soft))  # exactly 0/1
-    inference = jax.lax.stop_gradient(logits > 0).astype(g.dtype)
+    inference = (logits > 0).astype(g.dtype)  # a step: no gradient flows through it
     return jnp.where(relaxing, g, inference)
 
 
