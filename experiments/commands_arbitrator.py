@@ -16,8 +16,10 @@ a fixed number of steps. The argument picks the cell, comma-separated:
 Options for `arbitrator` cells: `block` (the arbitrator also reads each block's input,
 `acoustic+block`), `st` / `gumbel_soft` (other gate estimators than Gumbel-sigmoid
 straight-through), `chunk` (one gate decision per 8-frame attention chunk, `model.gate_per_chunk`:
-streaming skips whole chunks), `ramp` (fine-tuning: the compute loss off for the first steps, then
-ramped in, `FINETUNE_COMPUTE_RAMP`, so the encoder adapts while the gates switch components off),
+streaming skips whole chunks), `chunk_attn` (per chunk for attention only, the feed-forward
+gates per frame: `model.ffn_per_frame`), `ramp` (fine-tuning: the compute loss off for the
+first steps, then ramped in, `FINETUNE_COMPUTE_RAMP`, so the encoder adapts while the gates
+switch components off),
 `tiny` (the tiny model from scratch, a few steps: tests, demos).
 `distill` (`arbitrator` and `static` cells): in-place self-distillation, each step also trains
 the ungated encoder on the batch (`model.full_pass_weight` = 1) and pulls the gated encoder's
@@ -99,7 +101,8 @@ def parse(arg: str | None) -> dict:
         budget = float(budgets[0].split("=", 1)[1]) if budgets else 0.0
     except ValueError:
         budget = -1.0  # rejected below
-    flags = {"tiny", "scratch", "block", "st", "gumbel_soft", "chunk", "deep", "ramp", "distill"}
+    flags = {"tiny", "scratch", "block", "st", "gumbel_soft", "chunk", "chunk_attn", "deep"}
+    flags |= {"ramp", "distill"}
     rest = [t for t in tokens if t not in flags]
     method = rest[0] if rest else "arbitrator"
     values = rest[1:]
@@ -113,13 +116,14 @@ def parse(arg: str | None) -> dict:
     except ValueError:
         ok = False
     ok = ok and not ("tiny" in tokens and "scratch" in tokens)
+    ok = ok and not ("chunk" in tokens and "chunk_attn" in tokens)
     ok = ok and not ("ramp" in tokens and "scratch" in tokens)  # scratch has its own ramp
     ok = ok and not ("distill" in tokens and method not in ("arbitrator", "static"))
     ok = ok and len(budgets) <= 1 and (not budgets or (method == "arbitrator" and 0 < budget <= 1))
     if not ok or (method == "window" and (value != int(value) or value < 0)):
         raise ValueError(
             f"unknown variant {arg!r}; use 'none', "
-            "'arbitrator[,WEIGHT][,block][,chunk][,ramp][,distill][,st|gumbel_soft]"
+            "'arbitrator[,WEIGHT][,block][,chunk|chunk_attn][,ramp][,distill][,st|gumbel_soft]"
             "[,budget=FRACTION]' "
             "'window,LEFT_CHUNKS' or 'static,ATTN,FFN[,distill]' (e.g. static,0001,1101; "
             "optionally with 'tiny', 'scratch' or 'deep'), e.g. "
@@ -133,7 +137,8 @@ def parse(arg: str | None) -> dict:
         method=method,
         value=value,
         block="block" in tokens,
-        chunk="chunk" in tokens,
+        chunk="chunk" in tokens or "chunk_attn" in tokens,
+        ffn_per_frame="chunk_attn" in tokens,
         deep="deep" in tokens,
         ramp="ramp" in tokens,
         distill="distill" in tokens,
@@ -153,6 +158,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.arbitrator_dim = 8 if p["tiny"] else ARB_DIM
         c.model.gate_estimator = p["estimator"]
         c.model.gate_per_chunk = p["chunk"]
+        c.model.ffn_per_frame = p["ffn_per_frame"]
         c.model.gate_init_bias = GATE_BIAS
         c.model.compute_weight = p["value"]
         c.model.compute_target = p["budget"]

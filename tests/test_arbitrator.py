@@ -154,26 +154,37 @@ def test_stream_capacities_hold_any_count_with_bounded_waste(model):
             assert count <= size <= max(2 * count, count + max(c, full // 8))
 
 
-def test_per_chunk_gates_decide_once_per_chunk_and_stream_exactly(feats):
-    m = _model(gate_per_chunk=True)
+@pytest.mark.parametrize("ffn_per_frame", [False, True])
+def test_per_chunk_gates_decide_once_per_chunk_and_stream_exactly(feats, ffn_per_frame):
+    """`gate_per_chunk`: one decision per chunk; with `ffn_per_frame`, for attention only."""
+    m = _model(gate_per_chunk=True, ffn_per_frame=ffn_per_frame)
     m.eval()
     c = m.cfg.chunk_size
-    # Brute force: a frame's gate is 1[mean logit of its chunk's valid frames > 0].
+    # Brute force: a frame's gate is 1[mean logit of its chunk's valid frames > 0]; with
+    # ffn_per_frame the feed-forward gate (index 1) is the frame's own 1[logit > 0].
     logits = jax.random.normal(jax.random.key(3), (2, 2, 10))  # [gates, B, T]; T % c != 0
     lengths = np.array([10, 6])
     valid = np.arange(10)[None] < lengths[:, None]
     got = np.asarray(m.encoder.arbitrator.gates(logits, jnp.asarray(valid)))
-    want = np.zeros(got.shape)
+    pooled = np.zeros(got.shape)
     for b, n in enumerate(lengths):
         for k in range(0, n, c):
             frames = slice(k, min(k + c, n))
-            want[:, b, frames] = (np.asarray(logits)[:, b, frames].mean(-1) > 0)[:, None]
+            pooled[:, b, frames] = (np.asarray(logits)[:, b, frames].mean(-1) > 0)[:, None]
+    want = pooled.copy()
+    if ffn_per_frame:
+        want[1] = np.where(valid, np.asarray(logits)[1] > 0, 0)
+        assert np.any(want[1] != pooled[1])  # the two rules differ on these logits
     np.testing.assert_array_equal(got, want)
-    # Offline: whole chunks on or off, a real mixture; streaming with skipping equals it.
+    # Offline: whole chunks on or off (the FFN's per frame with ffn_per_frame), a real mixture;
+    # streaming with skipping equals it.
     offline, enc_lengths, trace = encode(m, feats)
     t = offline.shape[1]
-    gates = np.asarray(trace.ffn)[:, 0, : t // c * c].reshape(m.cfg.num_layers, -1, c)
-    assert np.all(gates == gates[..., :1]) and 0.2 < gates.mean() < 0.8
+    for name in ("attn", "ffn"):
+        gates = np.asarray(getattr(trace, name))[:, 0, : t // c * c]
+        gates = gates.reshape(m.cfg.num_layers, -1, c)
+        per_chunk = bool(np.all(gates == gates[..., :1]))
+        assert per_chunk == (name == "attn" or not ffn_per_frame) and 0.2 < gates.mean() < 0.8
     valid = (jnp.arange(t)[None] < enc_lengths[:, None])[..., None]
     np.testing.assert_allclose(jnp.where(valid, stream(m, feats, True), 0), offline, atol=1e-5)
 
@@ -378,6 +389,8 @@ def test_config_validation():
         _model(static_attention="01")
     with pytest.raises(ValueError, match="attention_cost > 0"):
         _model(attention_cost=0.0)
+    with pytest.raises(ValueError, match="set model.gate_per_chunk = True"):
+        _model(ffn_per_frame=True)
 
 
 def test_hard_gate_phase_trains_with_the_inference_gates(feats):

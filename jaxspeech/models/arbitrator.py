@@ -23,10 +23,11 @@ With `gate_per_chunk` the decision is made once per attention chunk (frames [k C
 chunks streaming feeds) from the mean logit of the chunk's valid frames, and every frame of the
 chunk takes it: streaming then executes or skips a component for a whole chunk (per-frame gates
 mostly leave partial chunks, whose branch still runs). Gradients reach every frame's logit through
-the mean. At inference (`model.eval()`) every estimator gives the hard gate 1[l > 0]. The
-temperature tau lives in the model (`GateTemperature`) and the train step anneals it
-(`temperature_schedule`); for the last `train.hard_gate_steps` it sets tau = 0, which trains
-with the inference gates themselves (`with_hard_phase`).
+the mean. With `ffn_per_frame` as well, only the attention gates decide per chunk and the
+feed-forward gates stay per frame. At inference (`model.eval()`) every estimator gives the
+hard gate 1[l > 0]. The temperature tau lives in the model (`GateTemperature`) and the train
+step anneals it (`temperature_schedule`); for the last `train.hard_gate_steps` it sets tau = 0,
+which trains with the inference gates themselves (`with_hard_phase`).
 Gates of padded frames are 0. `gate_init_bias` (the output bias, default 4: P(on) ~ 0.98) makes a
 fresh arbitrator keep nearly everything on, so warm-starting from a trained T-T starts from it.
 """
@@ -160,6 +161,7 @@ class Arbitrator(nnx.Module):
             else None
         )
         self.chunk = cfg.chunk_size if cfg.gate_per_chunk else 1
+        self.ffn_per_frame = cfg.ffn_per_frame
         self.temperature = GateTemperature(jnp.ones((), jnp.float32))
         self.deterministic = False  # model.eval() sets True: hard gates, no noise
         self.rngs = rngs["gates"].fork()
@@ -178,16 +180,20 @@ class Arbitrator(nnx.Module):
         return jnp.moveaxis(self.block[layer](x_normed).astype(jnp.float32), -1, 0)
 
     def gates(self, logits: jax.Array, valid: jax.Array) -> jax.Array:
-        """Gate values (same shape as logits [..., B, T]); valid [B, T] bool (padding -> 0).
-        Per chunk (`gate_per_chunk`), T is frames from a chunk boundary on."""
+        """Gate values (same shape as logits [2, B, T]: attention, FFN); valid [B, T] bool
+        (padding -> 0). Per chunk (`gate_per_chunk`), T is frames from a chunk boundary on."""
         t = valid.shape[-1]
-        if self.chunk > 1:
-            logits = chunk_mean(logits, valid, self.chunk)
-        if self.deterministic:
-            g = (logits > 0).astype(jnp.float32)
-        else:
-            key = self.rngs() if self.estimator != "st" else None
-            g = relaxed_gates(logits, self.estimator, self.temperature[...], key)
-        if self.chunk > 1:
-            g = jnp.repeat(g, self.chunk, axis=-1)[..., :t]
+        if self.chunk == 1:
+            return jnp.where(valid, self._decide(logits), 0.0)
+        g = self._decide(chunk_mean(logits, valid, self.chunk))
+        g = jnp.repeat(g, self.chunk, axis=-1)[..., :t]
+        if self.ffn_per_frame:
+            g = g.at[1].set(self._decide(logits[1]))
         return jnp.where(valid, g, 0.0)
+
+    def _decide(self, logits: jax.Array) -> jax.Array:
+        """Gate values from logits: hard 1[l > 0] at inference, the estimator's in training."""
+        if self.deterministic:
+            return (logits > 0).astype(jnp.float32)
+        key = self.rngs() if self.estimator != "st" else None
+        return relaxed_gates(logits, self.estimator, self.temperature[...], key)

@@ -81,6 +81,10 @@ class TransducerConfig:
     # One gate decision per attention chunk (`chunk_size` frames, from the mean of the chunk's
     # frame logits) instead of per frame: streaming then runs or skips whole chunks.
     gate_per_chunk: bool = False
+    # With `gate_per_chunk`: only attention decides per chunk, the feed-forward gates stay per
+    # frame. Streaming skips attention for whole chunks (its time per FLOP is the dearer one)
+    # while the feed-forward networks keep the per-frame choice.
+    ffn_per_frame: bool = False
     # Static pruning (the baseline arbitrators must beat): one '0'/'1' per layer, '0' = that
     # layer's self-attention (`static_attention`) or feed-forward (`static_ffn`) is off on every
     # frame, exactly as an arbitrator gate that is always off ("" = all on). Needs arbitrator
@@ -127,6 +131,11 @@ class TransducerConfig:
         if self.compute_target and self.arbitrator == "none":
             raise ValueError(
                 "compute_target (a compute budget) needs arbitrators (model.arbitrator)"
+            )
+        if self.ffn_per_frame and not self.gate_per_chunk:
+            raise ValueError(
+                "ffn_per_frame keeps the feed-forward gates per frame while attention decides "
+                "per chunk: set model.gate_per_chunk = True as well"
             )
         for name in ("static_attention", "static_ffn"):
             value = getattr(self, name)
