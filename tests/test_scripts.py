@@ -467,3 +467,13 @@ def test_gate_analysis_script(arbitrated, trained, tmp_path, capsys):
     record["audio"] = np.asarray(record["audio"]) * 0.5
     with pytest.raises(ValueError, match=record["id"]):
         ga.clean_speech("tfds:spoken_commands/tiny:test", [record])
+
+
+def test_profile_stream_op_times():
+    """One traced streaming pass of a tiny random model: its XLA ops are read back per chunk,
+    the matmuls among them (one per projection and layer at least)."""
+    per_chunk = script("profile_stream").main(
+        ["--config", "experiments/commands_arbitrator.py:none,tiny", "--chunks", "3", "--top", "3"]
+    )
+    assert per_chunk and all(t >= 0 and c > 0 for t, c in per_chunk.values())
+    assert sum(c for _, c in per_chunk.values()) >= 6
