@@ -4,8 +4,8 @@ r"""Where the time of one streamed chunk goes: XLA ops of `encode_step`, per chu
       --set num_layers=16 --chunks 200
   python scripts/profile_stream.py --workdir runs/arb_deep16_budget38_hard800_seed0 --skip
 
-Streams `--chunks` chunks of `--streams` utterances through the model's `encode_step` in one
-jitted `fori_loop` (as `bench_arbitrator.py` streams), once to compile and once under
+Streams `--chunks` chunks of `--streams` utterances through the model's `encode_step` with
+`bench_arbitrator.stream_pass` (one jitted `fori_loop`), once to compile and once under
 `jax.profiler`, then reads the trace's executed XLA ops (thunks) and prints, per op kind (the
 HLO name without its numeric suffix), the microseconds and the count per chunk, with the
 encoder's FLOPs per chunk and the rate they run at. `--config` (random weights, random features)
@@ -59,33 +59,13 @@ def op_times(trace_dir: str) -> dict[str, tuple[float, int]]:
     return {k: (t, n) for k, (t, n) in totals.items()}
 
 
-def profile(model, feats: np.ndarray, lengths: np.ndarray, chunks: int, skip: bool) -> dict:
-    """Per-chunk op times of streaming `chunks` chunks of feats [B, chunks * n, F] (lengths [B])."""
-    from flax import nnx
-
-    model.eval()
-    graphdef, state = nnx.split(model)
-    n = model.feat_chunk_size
-
-    @jax.jit
-    def stream(state, x, length):
-        m = nnx.merge(graphdef, state)
-
-        def body(i, carry):
-            s, acc = carry
-            chunk = jax.lax.dynamic_slice_in_dim(x, i * n, n, axis=1)
-            lens = jnp.clip(length - i * n, 0, n).astype(jnp.int32)
-            s, y = m.encode_step(s, chunk, lens, skip=skip)
-            return s, acc + jnp.sum(y)
-
-        init = (m.encode_init_state(x.shape[0]), jnp.zeros((), jnp.float32))
-        return jax.lax.fori_loop(0, chunks, body, init)[1]
-
-    x, length = jnp.asarray(feats), jnp.asarray(lengths)
-    jax.block_until_ready(stream(state, x, length))  # compile
+def profile(model, feats: list[np.ndarray], chunks: int, skip: bool) -> dict:
+    """Per-chunk op times of streaming feats (one [chunks * n, F] array per stream) once, in
+    lock step, through `bench_arbitrator.stream_pass` (compiled there, traced here)."""
+    run = bench.stream_pass(model, feats, skip=skip, streams=len(feats))
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
-        jax.block_until_ready(stream(state, x, length))
+        run()
         jax.profiler.stop_trace()
         times = op_times(trace_dir)
     per_chunk = {k: (t / chunks, c / chunks) for k, (t, c) in times.items()}
@@ -123,13 +103,12 @@ def main(argv=None):
     cfg, n = model.cfg, model.feat_chunk_size
     frames = args.chunks * n
     x = np.zeros((args.streams, frames, cfg.num_mels), np.float32)
-    lengths = np.full((args.streams,), frames, np.int32)
     if n_feat is None:
         x[:] = np.random.default_rng(0).normal(size=x.shape)
     else:  # the test utterances, repeated to fill the chunks
         for i, f in enumerate(n_feat):
             x[i] = np.resize(f, (frames, f.shape[1]))
-    per_chunk = profile(model, x, lengths, args.chunks, args.skip)
+    per_chunk = profile(model, list(x), args.chunks, args.skip)
     total = sum(t for t, _ in per_chunk.values())
     t = args.chunks * cfg.chunk_size
     enc = flops.encoder_flops(cfg, jnp.full((args.streams,), t), t)
