@@ -17,7 +17,9 @@ Options for `arbitrator` cells: `block` (the arbitrator also reads each block's 
 `acoustic+block`), `st` / `gumbel_soft` (other gate estimators than Gumbel-sigmoid
 straight-through), `chunk` (one gate decision per 8-frame attention chunk, `model.gate_per_chunk`:
 streaming skips whole chunks), `chunk_attn` (per chunk for attention only, the feed-forward
-gates per frame: `model.ffn_per_frame`), `ramp` (fine-tuning: the compute loss off for the
+gates per frame: `model.ffn_per_frame`), `priced` (per-frame gates, the compute loss priced
+per chunk: a component costs its whole 8-frame chunk if it is on for any frame of it,
+`model.price_per_chunk`, as streaming one utterance spends time), `ramp` (fine-tuning: the compute loss off for the
 first steps, then ramped in, `FINETUNE_COMPUTE_RAMP`, so the encoder adapts while the gates
 switch components off),
 `tiny` (the tiny model from scratch, a few steps: tests, demos).
@@ -102,7 +104,7 @@ def parse(arg: str | None) -> dict:
     except ValueError:
         budget = -1.0  # rejected below
     flags = {"tiny", "scratch", "block", "st", "gumbel_soft", "chunk", "chunk_attn", "deep"}
-    flags |= {"ramp", "distill"}
+    flags |= {"ramp", "distill", "priced"}
     rest = [t for t in tokens if t not in flags]
     method = rest[0] if rest else "arbitrator"
     values = rest[1:]
@@ -117,13 +119,14 @@ def parse(arg: str | None) -> dict:
         ok = False
     ok = ok and not ("tiny" in tokens and "scratch" in tokens)
     ok = ok and not ("chunk" in tokens and "chunk_attn" in tokens)
+    ok = ok and not ("priced" in tokens and method != "arbitrator")
     ok = ok and not ("ramp" in tokens and "scratch" in tokens)  # scratch has its own ramp
     ok = ok and not ("distill" in tokens and method not in ("arbitrator", "static"))
     ok = ok and len(budgets) <= 1 and (not budgets or (method == "arbitrator" and 0 < budget <= 1))
     if not ok or (method == "window" and (value != int(value) or value < 0)):
         raise ValueError(
             f"unknown variant {arg!r}; use 'none', "
-            "'arbitrator[,WEIGHT][,block][,chunk|chunk_attn][,ramp][,distill][,st|gumbel_soft]"
+            "'arbitrator[,WEIGHT][,block][,chunk|chunk_attn][,priced][,ramp][,distill][,st|gumbel_soft]"
             "[,budget=FRACTION]' "
             "'window,LEFT_CHUNKS' or 'static,ATTN,FFN[,distill]' (e.g. static,0001,1101; "
             "optionally with 'tiny', 'scratch' or 'deep'), e.g. "
@@ -139,6 +142,7 @@ def parse(arg: str | None) -> dict:
         block="block" in tokens,
         chunk="chunk" in tokens or "chunk_attn" in tokens,
         ffn_per_frame="chunk_attn" in tokens,
+        priced="priced" in tokens,
         deep="deep" in tokens,
         ramp="ramp" in tokens,
         distill="distill" in tokens,
@@ -159,6 +163,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.gate_estimator = p["estimator"]
         c.model.gate_per_chunk = p["chunk"]
         c.model.ffn_per_frame = p["ffn_per_frame"]
+        c.model.price_per_chunk = p["priced"]
         c.model.gate_init_bias = GATE_BIAS
         c.model.compute_weight = p["value"]
         c.model.compute_target = p["budget"]

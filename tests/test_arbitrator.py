@@ -1,6 +1,8 @@
 """Arbitrators: gate semantics, the three executions (masked, gathered, skipping), the compute
 loss's gradient, the gate estimators and the FLOP counter against brute force and XLA."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -310,8 +312,6 @@ def test_gate_estimators():
 
 def test_flop_counter_matches_a_brute_force_count(model, masked):
     """Executed FLOPs by brute force, and the compute loss with attention priced 1x and 3x."""
-    import dataclasses
-
     _, enc_lengths, trace = masked
     t = trace.attn.shape[-1]
     f = flops.encoder_flops(model.cfg, enc_lengths, t, trace.attn, trace.ffn)
@@ -348,6 +348,45 @@ def test_flop_counter_matches_a_brute_force_count(model, masked):
             )
             got = flops.compute_fraction(cfg, enc_lengths, *hard)[b]
             assert float(got) == pytest.approx(want, rel=1e-6)
+
+
+def test_chunk_priced_compute_is_the_per_frame_count_of_whole_chunks():
+    """`price_per_chunk`: the compute loss on per-frame gates equals the per-frame loss on the
+    gates of an OR over each chunk's valid frames (built by loops here); the gradient of a chunk
+    with every frame on is split equally (each frame pays the per-frame price), and a chunk's
+    last frame on carries the whole chunk's price."""
+    cfg = dataclasses.replace(CFG, price_per_chunk=True)
+    per_frame = dataclasses.replace(CFG, price_per_chunk=False)
+    n, t, c = cfg.num_layers, 30, cfg.chunk_size
+    lengths = jnp.array([30, 17])  # 17: a partial last chunk; frames 17-29 of row 1 are padding
+    rng = np.random.default_rng(0)
+    attn = (rng.random((n, 2, t)) < 0.3).astype(np.float32)
+    ffn = (rng.random((n, 2, t)) < 0.2).astype(np.float32)
+    ffn[:, 1, 17:] = 1.0  # padding gates are ignored
+    want = []
+    for g in (attn, ffn):
+        ored = np.zeros_like(g)
+        for layer, b, k in np.ndindex(n, 2, -(-t // c)):
+            frames = range(k * c, min((k + 1) * c, int(lengths[b])))
+            if any(g[layer, b, f] for f in frames):
+                ored[layer, b, list(frames)] = 1.0
+        want.append(jnp.asarray(ored))
+    got = flops.compute_fraction(cfg, lengths, jnp.asarray(attn), jnp.asarray(ffn))
+    ref = flops.compute_fraction(per_frame, lengths, *want)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-6)
+    assert bool(jnp.all(got > flops.compute_fraction(per_frame, lengths, attn, ffn)))
+
+    def ffn_cost(cfg, g):
+        return flops.compute_fraction(cfg, lengths, jnp.zeros_like(g), g)[0]
+
+    g = np.zeros((n, 2, t), np.float32)
+    g[0, 0, 0:c] = 1.0  # chunk 0 of layer 0: every frame on
+    g[0, 0, c + 1] = 1.0  # chunk 1: one frame on
+    grad = np.asarray(jax.grad(ffn_cost, argnums=1)(cfg, jnp.asarray(g)))
+    price = float(jax.grad(ffn_cost, argnums=1)(per_frame, jnp.asarray(g))[0, 0, 0])
+    np.testing.assert_allclose(grad[0, 0, :c], price, rtol=1e-6)
+    np.testing.assert_allclose(grad[0, 0, c + 1], c * price, rtol=1e-6)
+    assert float(jnp.sum(jnp.abs(grad[0, 0, c : 2 * c]))) == pytest.approx(c * price, rel=1e-6)
 
 
 def test_full_flop_count_matches_xla_cost_analysis():
@@ -391,6 +430,8 @@ def test_config_validation():
         _model(attention_cost=0.0)
     with pytest.raises(ValueError, match="set model.gate_per_chunk = True"):
         _model(ffn_per_frame=True)
+    with pytest.raises(ValueError, match="price_per_chunk prices the arbitrators"):
+        _model(arbitrator="none", price_per_chunk=True)
 
 
 def test_hard_gate_phase_trains_with_the_inference_gates(feats):

@@ -32,6 +32,7 @@ CONFIGS = [
     ("commands_arbitrator.py", "static,0001,1101,scratch,distill"),
     ("commands_arbitrator.py", "arbitrator,64,scratch,deep,budget=0.38"),
     ("commands_arbitrator.py", "arbitrator,64,scratch,deep,chunk_attn,budget=0.38"),
+    ("commands_arbitrator.py", "arbitrator,64,scratch,deep,priced,budget=0.38"),
     ("librispeech_arbitrator.py", None),
     ("librispeech_arbitrator.py", "30,/data/LibriSpeech"),
     ("commands_squashed.py", None),
@@ -128,9 +129,11 @@ def test_budget_variant():
     price = load("commands_arbitrator.py", "arbitrator,64,scratch,deep")[1]
     assert price.model.compute_target == 0.0
     assert tuple(price.train.compute_ramp) == module.SCRATCH_COMPUTE_RAMP
+    assert not price.model.price_per_chunk
+    assert load("commands_arbitrator.py", "arbitrator,64,priced")[1].model.price_per_chunk
     for bad in ("arbitrator,64,budget=1.5", "arbitrator,64,budget=x", "window,1,budget=0.4",
                 "static,0001,1101,budget=0.4", "arbitrator,64,budget=0.3,budget=0.4",
-                "arbitrator,64,chunk,chunk_attn"):  # fmt: skip
+                "arbitrator,64,chunk,chunk_attn", "window,1,priced"):  # fmt: skip
         with pytest.raises(ValueError, match="unknown variant"):
             load("commands_arbitrator.py", bad)
 

@@ -85,6 +85,13 @@ class TransducerConfig:
     # frame. Streaming skips attention for whole chunks (its time per FLOP is the dearer one)
     # while the feed-forward networks keep the per-frame choice.
     ffn_per_frame: bool = False
+    # The compute loss prices each component per chunk instead of per frame: in a chunk of
+    # `chunk_size` frames, a component costs the whole chunk's FLOPs if it is on for any of the
+    # chunk's frames (the chunk's largest gate value), nothing otherwise. That is what streaming
+    # one utterance costs in time, where a component's weight reads, not its rows, set the time
+    # of a chunk (experiments/RESULTS.md, "Where a streamed chunk's time goes"). The gates stay
+    # per frame; the reported FLOPs (`flops.encoder_flops`) are unchanged.
+    price_per_chunk: bool = False
     # Static pruning (the baseline arbitrators must beat): one '0'/'1' per layer, '0' = that
     # layer's self-attention (`static_attention`) or feed-forward (`static_ffn`) is off on every
     # frame, exactly as an arbitrator gate that is always off ("" = all on). Needs arbitrator
@@ -136,6 +143,11 @@ class TransducerConfig:
             raise ValueError(
                 "ffn_per_frame keeps the feed-forward gates per frame while attention decides "
                 "per chunk: set model.gate_per_chunk = True as well"
+            )
+        if self.price_per_chunk and self.arbitrator == "none":
+            raise ValueError(
+                "price_per_chunk prices the arbitrators' gates in the compute loss: "
+                "set model.arbitrator as well"
             )
         for name in ("static_attention", "static_ffn"):
             value = getattr(self, name)

@@ -94,6 +94,20 @@ def encoder_flops(
     return out
 
 
+def chunk_priced(gates: jax.Array, valid: jax.Array, chunk: int) -> jax.Array:
+    """Gates [..., B, T] priced per chunk (`TransducerConfig.price_per_chunk`): every valid frame
+    of a chunk (frames [k chunk, (k + 1) chunk)) takes the chunk's largest gate value, so with
+    hard gates a component costs its whole chunk when it is on for any frame of it. The gradient
+    goes to the chunk's largest gates (shared equally among ties): with all 8 frames on, each
+    frame carries an eighth of the chunk's price, with one frame left on, all of it."""
+    t = valid.shape[-1]
+    n = -(-t // chunk)
+    g = jnp.where(valid, gates, 0.0)
+    g = jnp.pad(g, [(0, 0)] * (g.ndim - 1) + [(0, n * chunk - t)])
+    peak = jnp.max(g.reshape(*g.shape[:-1], n, chunk), axis=-1)
+    return jnp.where(valid, jnp.repeat(peak, chunk, axis=-1)[..., :t], 0.0)
+
+
 def compute_fraction(
     cfg: TransducerConfig, lengths: jax.Array, attn_gates: jax.Array, ffn_gates: jax.Array
 ) -> jax.Array:
@@ -103,7 +117,12 @@ def compute_fraction(
     With `cfg.attention_cost` = s != 1, attention FLOPs (projections and context) count s times
     in both the executed and the ungated cost: a cost in time on hardware where an attention
     FLOP takes s times as long as a feed-forward one (`scripts/bench_arbitrator.py
-    --component_costs` measures s); the reported FLOP counts (`encoder_flops`) do not change."""
+    --component_costs` measures s); the reported FLOP counts (`encoder_flops`) do not change.
+    With `cfg.price_per_chunk`, the gates are priced per chunk first (`chunk_priced`)."""
+    if cfg.price_per_chunk:
+        valid = length_mask(lengths, attn_gates.shape[-1])
+        attn_gates = chunk_priced(attn_gates, valid, cfg.chunk_size)
+        ffn_gates = chunk_priced(ffn_gates, valid, cfg.chunk_size)
     f = encoder_flops(cfg, lengths, attn_gates.shape[-1], attn_gates, ffn_gates)
     s = cfg.attention_cost
     executed = s * (f["attention_proj"] + f["attention_context"]) + f["ffn"] + f["arbitrator"]
