@@ -19,9 +19,9 @@ straight-through), `chunk` (one gate decision per 8-frame attention chunk, `mode
 streaming skips whole chunks), `chunk_attn` (per chunk for attention only, the feed-forward
 gates per frame: `model.ffn_per_frame`), `priced` (per-frame gates, the compute loss priced
 per chunk: a component costs its whole 8-frame chunk if it is on for any frame of it,
-`model.price_per_chunk`, as streaming one utterance spends time), `ramp` (fine-tuning: the compute loss off for the
-first steps, then ramped in, `FINETUNE_COMPUTE_RAMP`, so the encoder adapts while the gates
-switch components off),
+`model.price_per_chunk`, as streaming one utterance spends time), `ramp` (fine-tuning: the
+compute loss off for the first steps, then ramped in, `FINETUNE_COMPUTE_RAMP`, so the encoder
+adapts while the gates switch components off),
 `tiny` (the tiny model from scratch, a few steps: tests, demos).
 `distill` (`arbitrator` and `static` cells): in-place self-distillation, each step also trains
 the ungated encoder on the batch (`model.full_pass_weight` = 1) and pulls the gated encoder's
