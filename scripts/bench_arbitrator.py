@@ -8,15 +8,16 @@ r"""Arbitrated encoder: executed compute and measured wall time against a baseli
       --batch 16 --seconds 16 --keep 1,0.6,0.4,0.2
 
 For the first `--utterances` of the test split: the executed encoder FLOPs under the model's
-hard gates (`jaxspeech.models.flops`; the gated Transformer stack with its arbitrator, and the
-whole encoder with the convolutional front end) as a fraction of the baseline model's, and the
-wall time of streaming each utterance alone (batch 1, chunk by chunk through `encode_step` in
-one jitted loop per utterance, as an on-device recognizer runs) with gated-off components
-skipped, with them computed and masked, and for the baseline, each timed in the same run after a
-warm-up (compile) call. Ratios < 1 mean faster than the baseline. `--streams B`: a server
-streaming B utterances at once, in lock step; skipping then gathers each component's active
-frames over the whole batch, so frames switched off turn into time even where the chunks they
-sit in are partly on.
+hard gates (`jaxspeech.models.flops`; the gated Transformer stack with its arbitrator, the
+whole encoder with the convolutional front end, and the gated stack priced per chunk, where a
+component counts for a whole chunk if any frame of it has it on) as a fraction of the baseline
+model's, and the wall time of streaming each utterance alone (batch 1, chunk by chunk through
+`encode_step` in one jitted loop per utterance, as an on-device recognizer runs) with gated-off
+components skipped, with them computed and masked, and for the baseline, each timed in the same
+run after a warm-up (compile) call. Ratios < 1 mean faster than the baseline. `--streams B`: a
+server streaming B utterances at once, in lock step; skipping then gathers each component's
+active frames over the whole batch, so frames switched off turn into time even where the chunks
+they sit in are partly on.
 
 `--component_costs` (no trained model or data): streaming time per layer of attention and of
 feed-forward, each measured by switching the other off everywhere (static pruning of a random
@@ -74,9 +75,13 @@ def _padded(batch: list[np.ndarray], multiple: int):
 
 def gate_traces(model, feats: list[np.ndarray]):
     """Yields, per batch of `EVAL_BATCH` utterances, the encoder under the model's hard gates:
-    (per-utterance FLOPs [B] by `flops.encoder_flops` key, attention gates [L, B, T], feed-forward
-    gates [L, B, T], encoder lengths [B]), as numpy arrays."""
+    (per-utterance FLOPs [B] by `flops.encoder_flops` key, plus `gated_chunks`: the gated FLOPs
+    with every component priced per chunk (`flops.chunk_priced`: a chunk counts whole if any of
+    its frames has the component on, what batch-1 streaming spends); attention gates [L, B, T],
+    feed-forward gates [L, B, T], encoder lengths [B]), as numpy arrays."""
     from flax import nnx
+
+    from jaxspeech.models.attention import length_mask
 
     model.eval()
     graphdef, state = nnx.split(model)
@@ -85,7 +90,11 @@ def gate_traces(model, feats: list[np.ndarray]):
     def trace_of(state, x, lengths):
         m = nnx.merge(graphdef, state)
         _, enc_lengths, trace = m.encode_with_trace(x, lengths)
-        out = flops.encoder_flops(m.cfg, enc_lengths, trace.attn.shape[-1], trace.attn, trace.ffn)
+        cfg, t = m.cfg, trace.attn.shape[-1]
+        out = flops.encoder_flops(cfg, enc_lengths, t, trace.attn, trace.ffn)
+        valid = length_mask(enc_lengths, t)
+        whole = [flops.chunk_priced(g, valid, cfg.chunk_size) for g in (trace.attn, trace.ffn)]
+        out["gated_chunks"] = flops.encoder_flops(cfg, enc_lengths, t, *whole)["gated"]
         return out, trace.attn, trace.ffn, enc_lengths
 
     for i in range(0, len(feats), EVAL_BATCH):
@@ -202,6 +211,7 @@ def measure(
         "streams": streams,
         "compute_gated": ours["gated"] / base["gated_full"],
         "compute_whole": ours["whole"] / base["whole_full"],
+        "compute_chunks": ours["gated_chunks"] / base["gated_full"],
         "attn_on": ours["attn_on"],
         "ffn_on": ours["ffn_on"],
         **interleaved_seconds(passes, repeats),
@@ -375,7 +385,9 @@ def main(argv=None):
     print(json.dumps(row, indent=1))
     print(
         f"compute: {100 * row['compute_gated']:.1f}% of the baseline's gated encoder, "
-        f"{100 * row['compute_whole']:.1f}% of its whole encoder; streaming wall time "
+        f"{100 * row['compute_whole']:.1f}% of its whole encoder, "
+        f"{100 * row['compute_chunks']:.1f}% of its gated encoder priced per chunk; "
+        "streaming wall time "
         f"{row['stream_s']:.2f} s vs {row['baseline_stream_s']:.2f} s "
         f"(ratio {row['stream_ratio']:.2f}; {row['streams']} streams at once) "
         f"on {jax.devices()[0].device_kind}"

@@ -352,6 +352,9 @@ def test_bench_arbitrator_streams_utterances_in_lock_step(trained, arbitrated):
     row = bench.measure(str(arbitrated), str(float_dir), 3, str(tfds_dir), repeats=1, streams=2)
     assert row["streams"] == 2
     assert min(row["stream_s"], row["masked_stream_s"], row["baseline_stream_s"]) > 0
+    # priced per chunk, partly-on chunks count whole: never below the per-frame count (above 1
+    # by at most the arbitrator's own cost, as `compute_gated` can be)
+    assert row["compute_gated"] <= row["compute_chunks"] < 1.2
 
 
 def test_bench_arbitrator_component_costs():
