@@ -96,17 +96,21 @@ def compute_ramp(delay: int, ramp: int):
     return schedule
 
 
+def frame_chunks(x: jax.Array, chunk: int) -> jax.Array:
+    """[..., T] -> [..., N, chunk], N = ceil(T / chunk): the frames of each chunk (frames
+    [k chunk, (k + 1) chunk)), the last chunk padded with zeros (False for a mask)."""
+    t = x.shape[-1]
+    n = -(-t // chunk)
+    padded = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, n * chunk - t)])
+    return padded.reshape(*x.shape[:-1], n, chunk)
+
+
 def chunk_mean(logits: jax.Array, valid: jax.Array, chunk: int) -> jax.Array:
     """logits [..., B, T], valid [B, T] -> the mean logit over each chunk's valid frames
     [..., B, N] (0 for a chunk without any), N = ceil(T / chunk)."""
-    t = valid.shape[-1]
-    n = -(-t // chunk)
-    pad = n * chunk - t
-    w = jnp.pad(valid, ((0, 0), (0, pad))).reshape(valid.shape[0], n, chunk)
-    padded = jnp.pad(logits, [(0, 0)] * (logits.ndim - 1) + [(0, pad)])
-    padded = padded.reshape(*logits.shape[:-1], n, chunk)
+    w = frame_chunks(valid, chunk)
     count = jnp.sum(w, axis=-1)
-    total = jnp.sum(jnp.where(w, padded, 0.0), axis=-1)
+    total = jnp.sum(jnp.where(w, frame_chunks(logits, chunk), 0.0), axis=-1)
     return total / jnp.maximum(count, 1).astype(logits.dtype)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxspeech.models.arbitrator import frame_chunks
 from jaxspeech.models.attention import chunk_mask, length_mask
 from jaxspeech.models.config import TransducerConfig
 
@@ -100,12 +101,8 @@ def chunk_priced(gates: jax.Array, valid: jax.Array, chunk: int) -> jax.Array:
     hard gates a component costs its whole chunk when it is on for any frame of it. The gradient
     goes to the chunk's largest gates (shared equally among ties): with all 8 frames on, each
     frame carries an eighth of the chunk's price, with one frame left on, all of it."""
-    t = valid.shape[-1]
-    n = -(-t // chunk)
-    g = jnp.where(valid, gates, 0.0)
-    g = jnp.pad(g, [(0, 0)] * (g.ndim - 1) + [(0, n * chunk - t)])
-    peak = jnp.max(g.reshape(*g.shape[:-1], n, chunk), axis=-1)
-    return jnp.where(valid, jnp.repeat(peak, chunk, axis=-1)[..., :t], 0.0)
+    peak = jnp.max(frame_chunks(jnp.where(valid, gates, 0.0), chunk), axis=-1)
+    return jnp.where(valid, jnp.repeat(peak, chunk, axis=-1)[..., : valid.shape[-1]], 0.0)
 
 
 def compute_fraction(
