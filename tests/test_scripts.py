@@ -1,6 +1,7 @@
 """The command-line entry points on a tiny trained workdir: scripts/train.py (subprocess, the real
 CLI), then scripts/evaluate.py on a manifest of wav files and scripts/transcribe.py on the files."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -412,6 +413,46 @@ def test_compare_wer_matched_pairs_bootstrap(tmp_path, trained, capsys):
     rows = cw.main(["--a", str(trained[0]), "--b", str(trained[0]), "--samples", "100"])
     assert rows[0]["relative"] == 0 and rows[0]["utterances"] > 0
     assert "| 95% interval |" in capsys.readouterr().out
+
+
+def test_compare_wer_pooled_over_seeds(tmp_path, capsys):
+    cw = script("compare_wer")
+    rng = np.random.default_rng(1)
+    refs = [" ".join(rng.choice(["on", "off", "lights", "kitchen"], 4)) for _ in range(120)]
+
+    def run(name, every):  # errs on every `every`-th utterance; gzipped like the archives
+        with gzip.open(tmp_path / f"{name}.jsonl.gz", "wt") as f:
+            for i, ref in enumerate(refs):
+                hyp = "on" if i % every == 0 else ref
+                f.write(json.dumps({"id": f"u{i}", "ref": ref, "hyp": hyp}) + "\n")
+        return str(tmp_path / f"{name}.jsonl.gz")
+
+    pairs = [(run("a0", 3), run("b0", 4)), (run("a1", 5), run("b1", 4))]  # B better, then worse
+    counts = [cw.paired(*(cw.errors_of(r, "test") for r in p), p) for p in pairs]
+    one = cw.pooled(counts[:1], samples=300)
+    alone = cw.bootstrap(counts[0], samples=300)
+    assert one["relative"] == alone["relative"] and one["interval"] == alone["interval"]
+    assert one["t_interval"] is None and one["per_pair"] == [alone["relative"]]
+    both = cw.pooled(counts, samples=300)
+    errs = [c.sum(axis=0) for c in counts]
+    assert both["relative"] == pytest.approx(
+        (errs[0][1] + errs[1][1]) / (errs[0][0] + errs[1][0]) - 1
+    )
+    assert both["wer_a"] == pytest.approx((errs[0][0] + errs[1][0]) / 2 / errs[0][2])
+    r = [e[1] / e[0] - 1 for e in errs]
+    assert r[0] < 0 < r[1] and both["per_pair"] == pytest.approx(r)
+    half = 12.7062 * abs(r[0] - r[1]) / 2  # t(0.975, 1 df) * sd / sqrt(2), sd = |r0 - r1| / sqrt(2)
+    assert both["t_interval"] == pytest.approx([np.mean(r) - half, np.mean(r) + half], rel=1e-4)
+    lo, hi = both["interval"]
+    assert lo < both["relative"] < hi and hi - lo < both["t_interval"][1] - both["t_interval"][0]
+    with pytest.raises(ValueError, match="different utterances"):
+        cw.pooled([counts[0], counts[1][:-1]], samples=10)
+    (a0, b0), (a1, b1) = pairs
+    rows = cw.main(["--pooled", "--a", a0, a1, "--b", b0, b1, "--samples", "300"])
+    assert len(rows) == 3 and rows[-1]["relative"] == both["relative"]
+    assert "Student-t 95% interval over the pairs" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cw.main(["--pooled", "--a", a0, "--b", b0, b1])
 
 
 def test_gate_analysis_frame_classes():
