@@ -19,9 +19,10 @@ straight-through), `chunk` (one gate decision per 8-frame attention chunk, `mode
 streaming skips whole chunks), `chunk_attn` (per chunk for attention only, the feed-forward
 gates per frame: `model.ffn_per_frame`), `priced` (per-frame gates, the compute loss priced
 per chunk: a component costs its whole 8-frame chunk if it is on for any frame of it,
-`model.price_per_chunk`, as streaming one utterance spends time), `ramp` (fine-tuning: the
-compute loss off for the first steps, then ramped in, `FINETUNE_COMPUTE_RAMP`, so the encoder
-adapts while the gates switch components off),
+`model.price_per_chunk`, as streaming one utterance spends time; `priced=S` pays only the
+share S per chunk and 1 - S per frame the component runs on, `model.chunk_price_share`),
+`ramp` (fine-tuning: the compute loss off for the first steps, then ramped in,
+`FINETUNE_COMPUTE_RAMP`, so the encoder adapts while the gates switch components off),
 `tiny` (the tiny model from scratch, a few steps: tests, demos).
 `distill` (`arbitrator` and `static` cells): in-place self-distillation, each step also trains
 the ungated encoder on the batch (`model.full_pass_weight` = 1) and pulls the gated encoder's
@@ -98,11 +99,17 @@ def parse(arg: str | None) -> dict:
     """'arbitrator,4,block' -> {'tiny': False, 'method': 'arbitrator', 'value': 4.0, ...}."""
     tokens = [t for t in (arg or "").split(",") if t]
     budgets = [t for t in tokens if t.startswith("budget=")]
-    tokens = [t for t in tokens if not t.startswith("budget=")]
+    shares = [t for t in tokens if t.startswith("priced=")]
+    tokens = [t for t in tokens if not t.startswith(("budget=", "priced="))]
+    tokens += ["priced"] if shares else []
     try:
         budget = float(budgets[0].split("=", 1)[1]) if budgets else 0.0
     except ValueError:
         budget = -1.0  # rejected below
+    try:
+        share = float(shares[0].split("=", 1)[1]) if shares else 1.0
+    except ValueError:
+        share = -1.0  # rejected below
     flags = {"tiny", "scratch", "block", "st", "gumbel_soft", "chunk", "chunk_attn", "deep"}
     flags |= {"ramp", "distill", "priced"}
     rest = [t for t in tokens if t not in flags]
@@ -123,10 +130,12 @@ def parse(arg: str | None) -> dict:
     ok = ok and not ("ramp" in tokens and "scratch" in tokens)  # scratch has its own ramp
     ok = ok and not ("distill" in tokens and method not in ("arbitrator", "static"))
     ok = ok and len(budgets) <= 1 and (not budgets or (method == "arbitrator" and 0 < budget <= 1))
+    ok = ok and len(shares) <= 1 and 0 <= share <= 1
     if not ok or (method == "window" and (value != int(value) or value < 0)):
         raise ValueError(
             f"unknown variant {arg!r}; use 'none', "
-            "'arbitrator[,WEIGHT][,block][,chunk|chunk_attn][,priced][,ramp][,distill][,st|gumbel_soft]"
+            "'arbitrator[,WEIGHT][,block][,chunk|chunk_attn][,priced|priced=SHARE][,ramp][,distill]"
+            "[,st|gumbel_soft]"
             "[,budget=FRACTION]' "
             "'window,LEFT_CHUNKS' or 'static,ATTN,FFN[,distill]' (e.g. static,0001,1101; "
             "optionally with 'tiny', 'scratch' or 'deep'), e.g. "
@@ -143,6 +152,7 @@ def parse(arg: str | None) -> dict:
         chunk="chunk" in tokens or "chunk_attn" in tokens,
         ffn_per_frame="chunk_attn" in tokens,
         priced="priced" in tokens,
+        chunk_price_share=share,
         deep="deep" in tokens,
         ramp="ramp" in tokens,
         distill="distill" in tokens,
@@ -164,6 +174,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.gate_per_chunk = p["chunk"]
         c.model.ffn_per_frame = p["ffn_per_frame"]
         c.model.price_per_chunk = p["priced"]
+        c.model.chunk_price_share = p["chunk_price_share"]
         c.model.gate_init_bias = GATE_BIAS
         c.model.compute_weight = p["value"]
         c.model.compute_target = p["budget"]

@@ -389,6 +389,33 @@ def test_chunk_priced_compute_is_the_per_frame_count_of_whole_chunks():
     assert float(jnp.sum(jnp.abs(grad[0, 0, c : 2 * c]))) == pytest.approx(c * price, rel=1e-6)
 
 
+def test_chunk_price_share_pays_part_per_chunk_and_part_per_frame():
+    """`chunk_price_share` S: a feed-forward network on k of a full chunk's frames costs
+    S + (1 - S) k / chunk of the chunk's price (brute force over k), the per-frame price at S = 0
+    and the whole-chunk price at S = 1."""
+    c, t = CFG.chunk_size, 2 * CFG.chunk_size
+    lengths = jnp.array([t])
+
+    def cost(cfg, k, frames=slice(c, None)):  # layer 0's FFN on the first k of `frames`
+        ffn = np.zeros((CFG.num_layers, 1, t), np.float32)
+        ffn[0, 0, frames][:k] = 1.0
+        return float(flops.compute_fraction(cfg, lengths, jnp.zeros_like(ffn), ffn)[0])
+
+    per_frame = dataclasses.replace(CFG, price_per_chunk=False)
+    arbitrator = cost(per_frame, 0)  # the arbitrator's own FLOPs, always paid
+    chunk_price = (cost(per_frame, t, slice(None)) - arbitrator) / 2  # one chunk of one FFN
+    assert chunk_price > 0
+    for share in (0.0, 0.4, 1.0):
+        cfg = dataclasses.replace(CFG, price_per_chunk=True, chunk_price_share=share)
+        for k in range(c + 1):
+            want = chunk_price * ((share + (1 - share) * k / c) if k else 0.0)
+            assert cost(cfg, k) - arbitrator == pytest.approx(want, rel=1e-5, abs=1e-9)
+    with pytest.raises(ValueError, match="set model.price_per_chunk = True"):
+        dataclasses.replace(CFG, chunk_price_share=0.5)
+    with pytest.raises(ValueError, match=r"chunk_price_share must lie in \[0, 1\]"):
+        dataclasses.replace(CFG, price_per_chunk=True, chunk_price_share=1.5)
+
+
 def test_full_flop_count_matches_xla_cost_analysis():
     """The analytic count of the ungated encoder against XLA's count of the compiled blocks
     (full context, so XLA's dense T x T attention is exactly the counted work; XLA also counts

@@ -130,10 +130,19 @@ def test_budget_variant():
     assert price.model.compute_target == 0.0
     assert tuple(price.train.compute_ramp) == module.SCRATCH_COMPUTE_RAMP
     assert not price.model.price_per_chunk
-    assert load("commands_arbitrator.py", "arbitrator,64,priced")[1].model.price_per_chunk
+    priced = state_lib.model_config(
+        load("commands_arbitrator.py", "arbitrator,64,priced")[1].model, vocab_size=30
+    )
+    assert priced.price_per_chunk and priced.chunk_price_share == 1.0
+    shared = state_lib.model_config(
+        load("commands_arbitrator.py", "arbitrator,64,priced=0.4,budget=0.38")[1].model,
+        vocab_size=30,
+    )
+    assert (shared.price_per_chunk, shared.chunk_price_share) == (True, 0.4)
     for bad in ("arbitrator,64,budget=1.5", "arbitrator,64,budget=x", "window,1,budget=0.4",
                 "static,0001,1101,budget=0.4", "arbitrator,64,budget=0.3,budget=0.4",
-                "arbitrator,64,chunk,chunk_attn", "window,1,priced"):  # fmt: skip
+                "arbitrator,64,chunk,chunk_attn", "window,1,priced", "window,1,priced=0.4",
+                "arbitrator,64,priced=1.5", "arbitrator,64,priced=x"):  # fmt: skip
         with pytest.raises(ValueError, match="unknown variant"):
             load("commands_arbitrator.py", bad)
 

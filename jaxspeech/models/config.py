@@ -92,6 +92,12 @@ class TransducerConfig:
     # of a chunk (experiments/RESULTS.md, "Where a streamed chunk's time goes"). The gates stay
     # per frame; the reported FLOPs (`flops.encoder_flops`) are unchanged.
     price_per_chunk: bool = False
+    # With `price_per_chunk`: the share S of a component's chunk price that is paid once per chunk
+    # in which it runs (its weight reads); the rest, 1 - S, is paid per frame it runs on (its
+    # rows). 1 prices whole chunks only; 0 is the per-frame price. A streamed feed-forward network
+    # of the 16-block encoder takes ~27 us per chunk plus ~5 us per row (RESULTS.md, "Where a
+    # streamed chunk's time goes"): S = 0.4 is that linear time model.
+    chunk_price_share: float = 1.0
     # Static pruning (the baseline arbitrators must beat): one '0'/'1' per layer, '0' = that
     # layer's self-attention (`static_attention`) or feed-forward (`static_ffn`) is off on every
     # frame, exactly as an arbitrator gate that is always off ("" = all on). Needs arbitrator
@@ -143,6 +149,13 @@ class TransducerConfig:
             raise ValueError(
                 "ffn_per_frame keeps the feed-forward gates per frame while attention decides "
                 "per chunk: set model.gate_per_chunk = True as well"
+            )
+        if not 0 <= self.chunk_price_share <= 1:
+            raise ValueError(f"chunk_price_share must lie in [0, 1], got {self.chunk_price_share}")
+        if self.chunk_price_share != 1 and not self.price_per_chunk:
+            raise ValueError(
+                "chunk_price_share splits the price of model.price_per_chunk between chunks "
+                "and frames: set model.price_per_chunk = True as well"
             )
         if self.price_per_chunk and self.arbitrator == "none":
             raise ValueError(

@@ -95,14 +95,20 @@ def encoder_flops(
     return out
 
 
-def chunk_priced(gates: jax.Array, valid: jax.Array, chunk: int) -> jax.Array:
+def chunk_priced(gates: jax.Array, valid: jax.Array, chunk: int, share: float = 1.0) -> jax.Array:
     """Gates [..., B, T] priced per chunk (`TransducerConfig.price_per_chunk`): every valid frame
     of a chunk (frames [k chunk, (k + 1) chunk)) takes the chunk's largest gate value, so with
     hard gates a component costs its whole chunk when it is on for any frame of it. The gradient
     goes to the chunk's largest gates (shared equally among ties): with all 8 frames on, each
-    frame carries an eighth of the chunk's price, with one frame left on, all of it."""
-    peak = jnp.max(frame_chunks(jnp.where(valid, gates, 0.0), chunk), axis=-1)
-    return jnp.where(valid, jnp.repeat(peak, chunk, axis=-1)[..., : valid.shape[-1]], 0.0)
+    frame carries an eighth of the chunk's price, with one frame left on, all of it.
+
+    `share` < 1 (`TransducerConfig.chunk_price_share`) mixes in the per-frame price: the result
+    is share * (the above) + (1 - share) * gates, a cost of share per chunk that runs plus
+    1 - share per frame that runs (in units of a full chunk's price)."""
+    g = jnp.where(valid, gates, 0.0)
+    peak = jnp.max(frame_chunks(g, chunk), axis=-1)
+    whole = jnp.where(valid, jnp.repeat(peak, chunk, axis=-1)[..., : valid.shape[-1]], 0.0)
+    return whole if share == 1 else share * whole + (1 - share) * g
 
 
 def compute_fraction(
@@ -115,11 +121,13 @@ def compute_fraction(
     in both the executed and the ungated cost: a cost in time on hardware where an attention
     FLOP takes s times as long as a feed-forward one (`scripts/bench_arbitrator.py
     --component_costs` measures s); the reported FLOP counts (`encoder_flops`) do not change.
-    With `cfg.price_per_chunk`, the gates are priced per chunk first (`chunk_priced`)."""
+    With `cfg.price_per_chunk`, the gates are priced per chunk first (`chunk_priced`, with
+    `cfg.chunk_price_share` of the price per chunk)."""
     if cfg.price_per_chunk:
         valid = length_mask(lengths, attn_gates.shape[-1])
-        attn_gates = chunk_priced(attn_gates, valid, cfg.chunk_size)
-        ffn_gates = chunk_priced(ffn_gates, valid, cfg.chunk_size)
+        share = cfg.chunk_price_share
+        attn_gates = chunk_priced(attn_gates, valid, cfg.chunk_size, share)
+        ffn_gates = chunk_priced(ffn_gates, valid, cfg.chunk_size, share)
     f = encoder_flops(cfg, lengths, attn_gates.shape[-1], attn_gates, ffn_gates)
     s = cfg.attention_cost
     executed = s * (f["attention_proj"] + f["attention_context"]) + f["ffn"] + f["arbitrator"]
