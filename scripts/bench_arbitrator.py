@@ -28,6 +28,14 @@ loss price time instead of FLOPs on this machine.
       --config experiments/commands_arbitrator.py:none,scratch,deep --streams 16 \
       --utterances 64 --seconds 3
 
+`--frame_costs` (no trained model or data): streaming time of a random gated model of `--config`
+with every component on for k = 0, 1, 2, 4, 8 frames of each chunk. A line through it splits a
+component's time into a part per chunk it runs in and a part per frame it runs on: the share per
+chunk is the `model.chunk_price_share` (`priced=S`) that makes the compute loss price time.
+
+  python scripts/bench_arbitrator.py --frame_costs \
+      --config experiments/commands_arbitrator.py:none,scratch,deep --set num_layers=16
+
 `--synthetic` (no trained model or data): batched offline encoding of random features by the
 config's encoder with random per-frame gates keeping a fraction `--keep` of each component, timed
 three ways: ungated, masked (every frame computed, the training-time execution) and gathered (the
@@ -38,6 +46,7 @@ output checked against the masked one.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import time
 
@@ -230,6 +239,17 @@ def _timed(f, *args, repeats: int = 5) -> float:
     return best
 
 
+def model_overrides(items: list[str]) -> dict:
+    """`--set field=value` arguments -> {field: value} (values as Python literals)."""
+    fields = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected field=value, e.g. num_layers=16")
+        fields[key] = ast.literal_eval(value)
+    return fields
+
+
 def config_model(config_path: str, **model_fields):
     """A randomly initialized model (eval mode) of `path/config.py[:arg]`, with `model_fields`
     overriding its config's model section (timings do not depend on the weights)."""
@@ -286,6 +306,58 @@ def component_costs(
     }
     out["attention_cost"] = out["time_ratio"] / out["flop_ratio"]
     return out
+
+
+def frame_pattern_pass(model, feats: list[np.ndarray], k: int, *, skip: bool, streams: int = 1):
+    """`stream_pass` of an arbitrated `model` whose gates, in every layer and for attention and
+    feed-forward alike, are on for the first `k` frames of each chunk and off for the rest,
+    whatever the input (the arbitrator's logits replaced while the pass is compiled: it is
+    compiled once, in `stream_pass`, and keeps the pattern)."""
+    from unittest import mock
+
+    from jaxspeech.models.arbitrator import Arbitrator
+
+    layers, chunk = model.cfg.num_layers, model.cfg.chunk_size
+
+    def pattern(self, x):  # x [B, T, D] -> logits [L, 2, B, T]
+        on = (jnp.arange(x.shape[1]) % chunk) < k
+        return jnp.broadcast_to(jnp.where(on, 1.0, -1.0), (layers, 2, *x.shape[:2]))
+
+    with mock.patch.object(Arbitrator, "acoustic_logits", pattern):
+        return stream_pass(model, feats, skip=skip, streams=streams)
+
+
+def frame_costs(
+    config_path: str, streams: int, utterances: int, seconds: float, repeats: int = 5,
+    ks: tuple[int, ...] = (0, 1, 2, 4, 8), **model_fields,
+) -> dict:  # fmt: skip
+    """Streaming wall time of the gated encoder with every component on for k frames of each
+    chunk (`frame_pattern_pass`, skipping execution; k in `ks`, powers of two so that the
+    gathered capacities are exact), timed interleaved with the ungated encoder of the same
+    config. The least-squares line through time(k) - time(0) for k >= 1, a + b k, splits a
+    component's time in a chunk into a part per chunk it runs in (a) and a part per frame (b):
+    `chunk_share` = a / (a + chunk b) is the `model.chunk_price_share` that makes the per-chunk
+    price a price of this machine's time. `model_fields` override the config's model section."""
+    cfg = config_model(config_path, **model_fields).cfg
+    gated = dict(arbitrator="acoustic", gate_per_chunk=False, ffn_per_frame=False)
+    model = config_model(config_path, **model_fields, **gated)
+    plain = dict(arbitrator="none", static_attention="", static_ffn="")
+    ungated = config_model(config_path, **model_fields, **plain)
+    feat = np.random.default_rng(0).normal(size=(int(seconds * 100), cfg.num_mels))
+    feats = [feat.astype(np.float32)] * utterances
+    passes = {"ungated": stream_pass(ungated, feats, skip=False, streams=streams)}
+    for k in ks:
+        passes[k] = frame_pattern_pass(model, feats, k, skip=True, streams=streams)
+    t = interleaved_seconds(passes, repeats)
+    on = [k for k in ks if k > 0]
+    b, a = np.polyfit(on, [t[k] - t[0] for k in on], 1)
+    return {
+        "streams": streams,
+        "seconds": {str(k): v for k, v in t.items()},
+        "per_chunk_s": float(a),
+        "per_frame_s": float(b),
+        "chunk_share": float(a / (a + cfg.chunk_size * b)),
+    }
 
 
 def synthetic(config_path: str, batch: int, seconds: float, keeps: list[float]) -> list[dict]:
@@ -363,7 +435,26 @@ def main(argv=None):
         help="time per layer of attention and FFN in streaming (--config, --streams, "
         "--utterances, --seconds): the model.attention_cost to train with",
     )
+    parser.add_argument(
+        "--frame_costs",
+        action="store_true",
+        help="streaming time with every component on for 0, 1, 2, 4, 8 frames of each chunk "
+        "(--config, --streams, --utterances, --seconds): the model.chunk_price_share to train with",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], help="model field=value (with --frame_costs)"
+    )
     args = parser.parse_args(argv)
+    if args.frame_costs:
+        fields = model_overrides(args.set)
+        out = frame_costs(args.config, args.streams, args.utterances, args.seconds, **fields)
+        print(json.dumps(out, indent=1))
+        print(
+            f"per component and chunk: {1e3 * out['per_chunk_s']:.2f} ms once it runs, "
+            f"{1e3 * out['per_frame_s']:.2f} ms per frame: chunk_price_share "
+            f"{out['chunk_share']:.2f} ({args.streams} streams, on {jax.devices()[0].device_kind})"
+        )
+        return out
     if args.component_costs:
         out = component_costs(args.config, args.streams, args.utterances, args.seconds)
         print(json.dumps(out, indent=1))

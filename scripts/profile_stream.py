@@ -17,7 +17,6 @@ The profiler's own cost inflates every op a little; compare kinds within one run
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
 import glob
 import gzip
@@ -87,13 +86,7 @@ def main(argv=None):
         p.error("give exactly one of --config and --workdir")
     n_feat = None
     if args.config:
-        fields = {}
-        for item in args.set:
-            key, sep, value = item.partition("=")
-            if not sep:
-                p.error(f"--set {item!r}: expected field=value, e.g. num_layers=16")
-            fields[key] = ast.literal_eval(value)
-        model = bench.config_model(args.config, **fields)
+        model = bench.config_model(args.config, **bench.model_overrides(args.set))
     else:
         from jaxspeech.train import evaluate
 

@@ -376,6 +376,26 @@ def test_bench_arbitrator_component_costs():
     assert out["attention_cost"] == pytest.approx(out["time_ratio"] / out["flop_ratio"])
 
 
+def test_bench_arbitrator_frame_costs():
+    """Gates on k frames of each chunk: the pattern is applied (k = 4 and 8 give different
+    encodings), skipping equals the masked computation for it, and the per-chunk share is
+    fitted from the timed passes."""
+    bench = script("bench_arbitrator")
+    config = "experiments/commands_arbitrator.py:arbitrator,tiny"
+    model = bench.config_model(config, arbitrator="acoustic")
+    feats = [np.random.default_rng(1).normal(size=(90, model.cfg.num_mels)).astype(np.float32)]
+    enc = {
+        (k, skip): bench.frame_pattern_pass(model, feats, k, skip=skip)(keep=True)[0]
+        for k in (4, 8)
+        for skip in (True, False)
+    }
+    np.testing.assert_allclose(enc[4, True], enc[4, False], atol=1e-5)
+    assert np.abs(enc[4, True] - enc[8, True]).max() > 1e-3
+    out = bench.frame_costs(config, streams=1, utterances=1, seconds=1.0, repeats=1)
+    assert set(out["seconds"]) == {"ungated", "0", "1", "2", "4", "8"}
+    assert min(out["seconds"].values()) > 0 and np.isfinite(out["chunk_share"])
+
+
 def _errors_file(path, hyps, refs):
     with open(path, "w") as f:
         for i, (ref, hyp) in enumerate(zip(refs, hyps, strict=True)):
