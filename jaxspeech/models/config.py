@@ -94,9 +94,9 @@ class TransducerConfig:
     price_per_chunk: bool = False
     # With `price_per_chunk`: the share S of a component's chunk price that is paid once per chunk
     # in which it runs (its weight reads); the rest, 1 - S, is paid per frame it runs on (its
-    # rows). 1 prices whole chunks only; 0 is the per-frame price. A streamed feed-forward network
-    # of the 16-block encoder takes ~27 us per chunk plus ~5 us per row (RESULTS.md, "Where a
-    # streamed chunk's time goes"): S = 0.4 is that linear time model.
+    # rows). 1 prices whole chunks only; 0 is the per-frame price. `scripts/bench_arbitrator.py
+    # --frame_costs` fits S to the streaming loop's time: 0.36 for the 16-block encoder at batch 1
+    # on the 2-core CPU (experiments/RESULTS.md, "Seed 2 for every gated cell").
     chunk_price_share: float = 1.0
     # Static pruning (the baseline arbitrators must beat): one '0'/'1' per layer, '0' = that
     # layer's self-attention (`static_attention`) or feed-forward (`static_ffn`) is off on every
