@@ -363,7 +363,7 @@ def test_bench_arbitrator_component_costs():
     ratio against a count by hand of the chunked context."""
     from jaxspeech.models.attention import chunk_mask
 
-    bench = script("bench_arbitrator")
+    bench = script("stream_costs")
     config = "experiments/commands_arbitrator.py:none,tiny"
     out = bench.component_costs(config, streams=2, utterances=2, seconds=1.0, repeats=1)
     assert set(out["seconds"]) == {"all", "attention", "ffn", "none"}
@@ -380,7 +380,7 @@ def test_bench_arbitrator_frame_costs():
     """Gates on k frames of each chunk: the pattern is applied (k = 4 and 8 give different
     encodings), skipping equals the masked computation for it, and the per-chunk share is
     fitted from the timed passes."""
-    bench = script("bench_arbitrator")
+    bench = script("stream_costs")
     config = "experiments/commands_arbitrator.py:arbitrator,tiny"
     model = bench.config_model(config, arbitrator="acoustic")
     feats = [np.random.default_rng(1).normal(size=(90, model.cfg.num_mels)).astype(np.float32)]
