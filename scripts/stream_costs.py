@@ -108,9 +108,9 @@ def frame_costs(
     component's time in a chunk into a part per chunk it runs in (a) and a part per frame (b):
     `chunk_share` = a / (a + chunk b) is the `model.chunk_price_share` that makes the per-chunk
     price a price of this machine's time. `model_fields` override the config's model section."""
-    cfg = config_model(config_path, **model_fields).cfg
     gated = dict(arbitrator="acoustic", gate_per_chunk=False, ffn_per_frame=False)
     model = config_model(config_path, **model_fields, **gated)
+    cfg = model.cfg
     plain = dict(arbitrator="none", static_attention="", static_ffn="")
     ungated = config_model(config_path, **model_fields, **plain)
     feat = np.random.default_rng(0).normal(size=(int(seconds * 100), cfg.num_mels))

@@ -108,7 +108,7 @@ def chunk_priced(gates: jax.Array, valid: jax.Array, chunk: int, share: float = 
     g = jnp.where(valid, gates, 0.0)
     peak = jnp.max(frame_chunks(g, chunk), axis=-1)
     whole = jnp.where(valid, jnp.repeat(peak, chunk, axis=-1)[..., : valid.shape[-1]], 0.0)
-    return whole if share == 1 else share * whole + (1 - share) * g
+    return share * whole + (1 - share) * g
 
 
 def compute_fraction(
