@@ -154,6 +154,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             seed=0,
             nonfinite="fail",  # NaN/Inf loss or gradient: 'fail' (naming step, batch) or 'skip'
             init_from="",  # a trained workdir to warm-start from (params, normalization, tokenizer)
+            teacher="",  # a trained workdir to distill from (same tokenizer; train/teacher.py)
+            teacher_weight=0.0,  # its lattice distillation term's weight (nats per utterance)
             gate_temperature=(1.0, 1.0),  # arbitrator gates: (start, end), exponential anneal
             hard_gate_steps=0,  # arbitrators: the last N steps train with the inference gates
         )

@@ -120,6 +120,19 @@ def test_sigterm_checkpoints_then_resume_is_bit_exact(resumed_run, tfds_dir, tmp
     assert [b[s] for s in range(1, 9)] == [a[s] for s in range(1, 9)]
 
 
+def test_distills_from_a_teacher_workdir(resumed_run, tfds_dir, tmp_path):
+    """`train.teacher`: the 8-step run teaches a fresh student; every step reports a finite,
+    positive lattice distillation term."""
+    straight = resumed_run[0]
+    config = tiny_config(tfds_dir, num_steps=2, teacher=str(straight), teacher_weight=0.01)
+    student = tmp_path / "student"
+    loop.train_and_evaluate(config, str(student))
+    with open(student / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    kd = [r["teacher_kd"] for r in rows if "teacher_kd" in r]
+    assert len(kd) == 2 and all(0 < v < float("inf") for v in kd)
+
+
 def test_nonfinite_policies():
     finite = {"finite": 1.0, "loss": 2.0, "grad_norm": 1.0}
     bad = {"finite": 0.0, "loss": float("nan"), "grad_norm": float("nan")}

@@ -35,6 +35,20 @@ def rnnt_loss_fused(encoder_out, predictor_out, joint_fn, labels, logit_lengths,
     Returns:
       `[B]` float32 losses, equal to `rnnt_loss(joint_fn(enc[:, :, None], pred[:, None]), ...)`.
     """
+    blank, label = lattice_logprobs(encoder_out, predictor_out, joint_fn, labels, logit_lengths,
+                                    label_lengths, blank_id=blank_id, time_chunk=time_chunk,
+                                    validate=validate)
+    return lattice_nll(blank, label, jnp.asarray(logit_lengths, jnp.int32),
+                       jnp.asarray(label_lengths, jnp.int32))
+
+
+def lattice_logprobs(encoder_out, predictor_out, joint_fn, labels, logit_lengths, label_lengths,
+                     *, blank_id=0, time_chunk=DEFAULT_TIME_CHUNK, validate=False):
+    """The lattice's blank `[B, T, U+1]` and label `[B, T, U]` log-probs (float32), joint
+    evaluated chunk by chunk: what `rnnt_loss_fused` sums over and lattice distillation
+    (`jaxspeech.losses.distill`) compares. Differentiable; the arguments are as for
+    `rnnt_loss_fused`.
+    """
     if jnp.ndim(encoder_out) != 3:
         raise ValueError(f"encoder_out must be [B, T, J], got shape {jnp.shape(encoder_out)}")
     if jnp.ndim(predictor_out) != 3:
@@ -58,12 +72,12 @@ def rnnt_loss_fused(encoder_out, predictor_out, joint_fn, labels, logit_lengths,
                  logits_name="joint_fn output (as [B, T, U+1, V])")
     check_values(logit_lengths, labels, label_lengths, num_frames=t, vocab_size=vocab,
                  blank_id=blank_id, validate=validate)
-    return _fused(encoder_out, predictor_out, joint_fn, labels, logit_lengths, label_lengths,
-                  blank_id, chunk)
+    return _logprobs(encoder_out, predictor_out, joint_fn, labels, logit_lengths, label_lengths,
+                     blank_id, chunk)
 
 
-def _fused(encoder_out, predictor_out, joint_fn, labels, logit_lengths, label_lengths, blank_id,
-           chunk):
+def _logprobs(encoder_out, predictor_out, joint_fn, labels, logit_lengths, label_lengths, blank_id,
+              chunk):
     b, t, j = encoder_out.shape
     logit_lengths = jnp.asarray(logit_lengths, jnp.int32)
     label_lengths = jnp.asarray(label_lengths, jnp.int32)
@@ -86,4 +100,4 @@ def _fused(encoder_out, predictor_out, joint_fn, labels, logit_lengths, label_le
     # [n, B, chunk, W] -> [B, n * chunk, W] -> drop the padded frames.
     blank = jnp.moveaxis(blank, 0, 1).reshape(b, num_chunks * chunk, -1)[:, :t]
     label = jnp.moveaxis(label, 0, 1).reshape(b, num_chunks * chunk, -1)[:, :t]
-    return lattice_nll(blank, label, logit_lengths, label_lengths)
+    return blank, label

@@ -15,6 +15,9 @@ import optax
 from flax import nnx
 
 from jaxspeech.losses import rnnt_loss_fused
+from jaxspeech.losses.distill import lattice_kd
+from jaxspeech.losses.rnnt import lattice_nll
+from jaxspeech.losses.rnnt_fused import lattice_logprobs
 from jaxspeech.models import flops
 from jaxspeech.models.attention import length_mask
 from jaxspeech.models.config import TransducerConfig, dense
@@ -144,17 +147,47 @@ class TransformerTransducer(nnx.Module):
             loss = loss + self.cfg.distill_weight * terms["distill"]
         return loss
 
+    def lattice(
+        self,
+        feats: jax.Array,
+        feat_lengths: jax.Array,
+        labels: jax.Array,
+        label_lengths: jax.Array,
+    ) -> tuple[jax.Array, jax.Array]:
+        """The output lattice's blank `[B,T//4,U+1]` and next-label `[B,T//4,U]` log-probs
+        (`rnnt_fused.lattice_logprobs`): what a teacher gives lattice distillation."""
+        enc, enc_lengths = self.encode(feats, feat_lengths)
+        enc_proj = self.joint.project_encoder(enc)
+        pred_proj = self.joint.project_predictor(self.predict(labels))
+        return lattice_logprobs(
+            enc_proj, pred_proj, self._joint_fn(), labels, enc_lengths, label_lengths, blank_id=0
+        )
+
+    def _joint_fn(self):
+        """The joint as a function of (enc, pred), its parameters closed over (for the fused
+        loss's `lax.map`)."""
+        graphdef, joint_state = nnx.split(self.joint)
+
+        def joint_fn(e: jax.Array, p: jax.Array) -> jax.Array:
+            return nnx.merge(graphdef, joint_state)(e, p)
+
+        return joint_fn
+
     def loss_terms(
         self,
         feats: jax.Array,
         feat_lengths: jax.Array,
         labels: jax.Array,
         label_lengths: jax.Array,
+        teacher: tuple[jax.Array, jax.Array] | None = None,
     ) -> dict[str, jax.Array]:
         """Per-example loss terms [B]: `rnnt` (nats, never materializing the [B,T,U+1,V]
-        logits); with `cfg.ctc_weight` > 0, `ctc`: the CTC negative log-likelihood (nats,
-        `optax.ctc_loss`, blank 0) of a linear head on the encoder output, an auxiliary target that
-        makes the encoder frame-discriminative early in training; with arbitrators, `compute`: the
+        logits); with `teacher` (a trained model's `lattice` on this batch), `teacher_kd`: the
+        lattice distillation loss towards it (`losses.distill.lattice_kd`; weighted by the
+        trainer, see `train.step`); with `cfg.ctc_weight` > 0, `ctc`: the CTC negative
+        log-likelihood (nats, `optax.ctc_loss`, blank 0) of a linear head on the encoder output,
+        an auxiliary target that makes the encoder frame-discriminative early in training; with
+        arbitrators, `compute`: the
         executed gated-encoder FLOPs under the (relaxed) gates as a fraction of the ungated
         encoder's (`flops.compute_fraction`; differentiable in the gates); with a compute budget
         (`cfg.compute_target`), also `compute_excess` (`flops.budget_excess`), which then takes
@@ -173,16 +206,15 @@ class TransformerTransducer(nnx.Module):
         enc, trace = self._blocks(x, enc_lengths)
         enc_proj = self.joint.project_encoder(enc)
         pred_proj = self.joint.project_predictor(self.predict(labels))
-        graphdef, joint_state = nnx.split(self.joint)
-
-        def joint_fn(e: jax.Array, p: jax.Array) -> jax.Array:
-            return nnx.merge(graphdef, joint_state)(e, p)
-
-        terms = {
-            "rnnt": rnnt_loss_fused(
-                enc_proj, pred_proj, joint_fn, labels, enc_lengths, label_lengths, blank_id=0
-            )
-        }
+        joint_fn = self._joint_fn()
+        blank, label = lattice_logprobs(
+            enc_proj, pred_proj, joint_fn, labels, enc_lengths, label_lengths, blank_id=0
+        )
+        lengths = (enc_lengths.astype(jnp.int32), label_lengths.astype(jnp.int32))
+        terms = {"rnnt": lattice_nll(blank, label, *lengths)}
+        if teacher is not None:
+            t_blank, t_label = (jax.lax.stop_gradient(x) for x in teacher)
+            terms["teacher_kd"] = lattice_kd(t_blank, t_label, blank, label, *lengths)
         if self.cfg.ctc_weight > 0:
             terms["ctc"] = self.ctc_loss(enc, enc_lengths, labels, label_lengths)
         if self.encoder.arbitrator is not None:

@@ -32,6 +32,7 @@ from jaxspeech.train import quantize
 from jaxspeech.train import sharding as sharding_lib
 from jaxspeech.train import state as state_lib
 from jaxspeech.train import step as step_lib
+from jaxspeech.train import teacher as teacher_lib
 
 
 def ensure_writable(workdir: str) -> None:
@@ -203,6 +204,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
             writer.log(f"warm start from {init}")
     step = int(jax.device_get(state["step"]))
 
+    teacher = teacher_lib.load_teacher(tc, workdir, mesh, rules)
+    if teacher is not None and latest is None:
+        writer.log(f"distilling from train.teacher={tc.teacher} (weight {tc.teacher_weight})")
+
     # 5. train -----------------------------------------------------------------------------------
     bsharding = sharding_lib.batch_sharding(mesh, rules)
     train_step = step_lib.make_train_step(
@@ -218,6 +223,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         quant_weight=float(config.quant.regularizer_weight) if quant_rules else 0.0,
         gate_temperature=_gate_temperature(model_cfg, tc),
         compute_ramp=_compute_ramp(model_cfg, tc),
+        teacher=teacher,
+        teacher_weight=float(tc.get("teacher_weight", 0.0)),
     )
     recognizer = None
     history, batch_ids, audio_seconds, t0 = [], {}, 0.0, time.perf_counter()

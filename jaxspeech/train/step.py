@@ -49,17 +49,26 @@ def _features(batch, feature_cfg, spec_augment_cfg, key):
     return feats, feat_lengths
 
 
-def _loss_sums(model, batch, feats, feat_lengths, compute_scale=None):
+def _loss_sums(
+    model, batch, feats, feat_lengths, compute_scale=None, teacher=None, teacher_weight=0.0
+):
     """(loss sum, valid utterances, label tokens, {term: sum} of the loss terms (unscaled)).
-    `compute_scale` multiplies the compute term's weight (a ramp; None: the model's weight)."""
-    terms = model.loss_terms(feats, feat_lengths, batch["labels"], batch["label_lengths"])
+    `compute_scale` multiplies the compute term's weight (a ramp; None: the model's weight);
+    `teacher`: the teacher's lattice on this batch, whose distillation term (`teacher_kd`)
+    enters the loss at `teacher_weight`."""
+    terms = model.loss_terms(
+        feats, feat_lengths, batch["labels"], batch["label_lengths"], teacher=teacher
+    )
     valid = (batch["audio_lengths"] > 0).astype(jnp.float32)
     weighted = dict(terms)
     if compute_scale is not None:
         for name in ("compute", "compute_excess"):
             if name in terms:
                 weighted[name] = terms[name] * compute_scale
-    per_example = model.combine_loss_terms(weighted).astype(jnp.float32) * valid
+    per_example = model.combine_loss_terms(weighted)
+    if teacher is not None:
+        per_example = per_example + teacher_weight * terms["teacher_kd"]
+    per_example = per_example.astype(jnp.float32) * valid
     num_tokens = jnp.sum(batch["label_lengths"].astype(jnp.float32) * valid)
     sums = {k: jnp.sum(v.astype(jnp.float32) * valid) for k, v in terms.items()}
     return jnp.sum(per_example), jnp.sum(valid), num_tokens, sums
@@ -93,18 +102,33 @@ def make_train_step(
     quant_weight: float = 0.0,
     gate_temperature=None,
     compute_ramp=None,
+    teacher=None,
+    teacher_weight: float = 0.0,
 ):
     """Returns `train_step(state, batch) -> (state, metrics)`, jitted with donation of `state`.
 
     `gate_temperature`: step -> arbitrator gate temperature (None: the model's stored value).
-    `compute_ramp`: step -> multiplier of the compute loss weight (None: 1)."""
+    `compute_ramp`: step -> multiplier of the compute loss weight (None: 1).
+    `teacher`: (graphdef, state, shardings or None) of a frozen trained model (any transducer
+    with this run's tokenizer), run in eval mode on each step's (augmented) features; the loss
+    adds `teacher_weight` * its lattice distillation term (`losses.distill.lattice_kd`),
+    reported as `teacher_kd` (nats per utterance)."""
     spec_augment_cfg = None if spec_augment_cfg is None else dict(spec_augment_cfg)
     base_key = jax.random.key(seed)
 
-    def train_step(state, batch):
+    def teacher_lattice(teacher_state, batch, feats, feat_lengths):
+        if teacher is None:
+            return None
+        model = nnx.merge(teacher[0], teacher_state)
+        model.eval()
+        lattice = model.lattice(feats, feat_lengths, batch["labels"], batch["label_lengths"])
+        return jax.lax.stop_gradient(lattice)
+
+    def train_step(state, batch, teacher_state=None):
         step = state["step"]
         key = jax.random.fold_in(base_key, step)
         feats, feat_lengths = _features(batch, feature_cfg, spec_augment_cfg, key)
+        lattice = teacher_lattice(teacher_state, batch, feats, feat_lengths)
 
         def loss_fn(trainable):
             params = quantize.effective_params(trainable, quant_rules, step)
@@ -113,7 +137,9 @@ def make_train_step(
             )
             model.train()
             scale = None if compute_ramp is None else compute_ramp(step)
-            total, count, tokens, sums = _loss_sums(model, batch, feats, feat_lengths, scale)
+            total, count, tokens, sums = _loss_sums(
+                model, batch, feats, feat_lengths, scale, lattice, teacher_weight
+            )
             loss = total / jnp.maximum(count, 1.0)
             reg = quantize.regularizer(trainable, quant_rules, quant_weight)
             # The updated non-parameter state (dropout RNG counters) leaves through the aux.
@@ -145,7 +171,7 @@ def make_train_step(
         }
         if quant_rules is not None:
             metrics["quant_regularizer"] = reg
-        for name in ("compute", "compute_excess", "rnnt_full", "distill"):
+        for name in ("compute", "compute_excess", "rnnt_full", "distill", "teacher_kd"):
             if name in sums:
                 metrics[name] = sums[name] / jnp.maximum(count, 1.0)
         if compute_ramp is not None:
@@ -154,11 +180,15 @@ def make_train_step(
 
     kwargs = {}
     if state_shardings is not None:
-        batch_shardings = {k: batch_sharding for k in BATCH_KEYS}
-        kwargs = dict(
-            in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None)
-        )
-    return jax.jit(train_step, donate_argnums=(0,), **kwargs)
+        in_shardings = (state_shardings, {k: batch_sharding for k in BATCH_KEYS})
+        if teacher is not None:
+            in_shardings += (teacher[2],)
+        kwargs = dict(in_shardings=in_shardings, out_shardings=(state_shardings, None))
+    jitted = jax.jit(train_step, donate_argnums=(0,), **kwargs)
+    if teacher is None:
+        return jitted
+    teacher_state = teacher[1]
+    return lambda state, batch: jitted(state, batch, teacher_state)
 
 
 def make_eval_step(
