@@ -120,7 +120,8 @@ def same_recipe(a, b) -> list[str]:
     flat_a, flat_b = ({k: f.get(k, FIELD_DEFAULTS.get(k)) for k in keys} for f in (flat_a, flat_b))
     unquantized = not flat_a.get("quant.enabled") and not flat_b.get("quant.enabled")
     return sorted(
-        k for k in keys
+        k
+        for k in keys
         if flat_a[k] != flat_b[k]
         and not k.startswith("data.tfds_data_dir")
         and not (unquantized and (k.startswith("quant.") or k == "optim.theta_lr_scale"))

@@ -32,8 +32,15 @@ def _materialized(params, enc, pred, labels):
 
 
 def _fused(params, enc, pred, labels, time_chunk):
-    return rnnt_loss_fused(enc, pred, lambda e, p: joint(params, e, p), labels, LOGIT_LENGTHS,
-                           LABEL_LENGTHS, time_chunk=time_chunk)
+    return rnnt_loss_fused(
+        enc,
+        pred,
+        lambda e, p: joint(params, e, p),
+        labels,
+        LOGIT_LENGTHS,
+        LABEL_LENGTHS,
+        time_chunk=time_chunk,
+    )
 
 
 def _value_and_grads(loss_fn):
@@ -73,7 +80,7 @@ def test_fused_ignores_garbage_in_padded_frames_and_labels():
     (_, losses), grads = fused_vg[3](params, enc, pred, labels)
     for b, (tl, ul) in enumerate(zip(LOGIT_LENGTHS, LABEL_LENGTHS, strict=True)):
         enc = enc.at[b, tl:].set(jnp.nan)
-        pred = pred.at[b, ul + 1:].set(1e4)
+        pred = pred.at[b, ul + 1 :].set(1e4)
         labels = labels.at[b, ul:].set(-3)
     (_, losses2), grads2 = fused_vg[3](params, enc, pred, labels)
     np.testing.assert_array_equal(losses2, losses)
@@ -106,11 +113,9 @@ def test_fused_with_nnx_module_params_in_jitted_step():
     def loss(state, enc, pred, fused):
         m = nnx.merge(graphdef, state)
         if fused:
-            out = rnnt_loss_fused(enc, pred, m, labels, LOGIT_LENGTHS, LABEL_LENGTHS,
-                                  time_chunk=2)
+            out = rnnt_loss_fused(enc, pred, m, labels, LOGIT_LENGTHS, LABEL_LENGTHS, time_chunk=2)
         else:
-            out = rnnt_loss(m(enc[:, :, None], pred[:, None]), LOGIT_LENGTHS, labels,
-                            LABEL_LENGTHS)
+            out = rnnt_loss(m(enc[:, :, None], pred[:, None]), LOGIT_LENGTHS, labels, LABEL_LENGTHS)
         return out.sum()
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
@@ -130,9 +135,11 @@ def test_fused_never_holds_the_full_logits():
     def grads(fused):
         def f(params, enc, pred):
             if fused:
-                return rnnt_loss_fused(enc, pred, lambda e, p: joint(params, e, p), labels, tl, ul,
-                                       time_chunk=chunk).sum()
+                return rnnt_loss_fused(
+                    enc, pred, lambda e, p: joint(params, e, p), labels, tl, ul, time_chunk=chunk
+                ).sum()
             return rnnt_loss(joint(params, enc[:, :, None], pred[:, None]), tl, labels, ul).sum()
+
         return jax.jit(jax.grad(f, argnums=(0, 1, 2)))
 
     def temp_bytes(fused):
@@ -149,8 +156,9 @@ def test_fused_bad_input():
     with pytest.raises(ValueError, match="encoder_out must be"):
         rnnt_loss_fused(enc[0], pred, good, labels, LOGIT_LENGTHS, LABEL_LENGTHS)
     with pytest.raises(ValueError, match="joint_fn output must be"):
-        rnnt_loss_fused(enc, pred, lambda e, p: good(e, p)[:, :, 0], labels, LOGIT_LENGTHS,
-                        LABEL_LENGTHS)
+        rnnt_loss_fused(
+            enc, pred, lambda e, p: good(e, p)[:, :, 0], labels, LOGIT_LENGTHS, LABEL_LENGTHS
+        )
     with pytest.raises(ValueError, match="labels must have shape"):
         rnnt_loss_fused(enc, pred, good, labels[:, :2], LOGIT_LENGTHS, LABEL_LENGTHS)
     with pytest.raises(ValueError, match="logit_lengths must lie in"):

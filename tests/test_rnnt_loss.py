@@ -42,15 +42,19 @@ def brute_nll(logits, labels, blank_id=0):
 
 
 def brute_batch(logits, logit_lengths, labels, label_lengths, blank_id=0):
-    return np.array([brute_nll(logits[b, :tl, :ul + 1], labels[b, :ul], blank_id)
-                     for b, (tl, ul) in enumerate(zip(logit_lengths, label_lengths, strict=True))])
+    return np.array(
+        [
+            brute_nll(logits[b, :tl, : ul + 1], labels[b, :ul], blank_id)
+            for b, (tl, ul) in enumerate(zip(logit_lengths, label_lengths, strict=True))
+        ]
+    )
 
 
 def brute_grad(logits, logit_lengths, labels, label_lengths, weights, eps=1e-6):
     """Central differences of sum_b weights[b] * brute_nll_b in float64; zero in the padding."""
     grad = np.zeros_like(logits, dtype=np.float64)
     for b, (tl, ul) in enumerate(zip(logit_lengths, label_lengths, strict=True)):
-        x = np.asarray(logits[b, :tl, :ul + 1], np.float64)
+        x = np.asarray(logits[b, :tl, : ul + 1], np.float64)
         for idx in np.ndindex(x.shape):
             xp, xm = x.copy(), x.copy()
             xp[idx] += eps
@@ -65,6 +69,7 @@ def loss_and_grad(logits, logit_lengths, labels, label_lengths, weights):
     def f(x):
         losses = rnnt_loss(x, logit_lengths, labels, label_lengths)
         return jnp.sum(losses * weights), losses
+
     (_, losses), grad = jax.value_and_grad(f, has_aux=True)(logits)
     return losses, grad
 
@@ -76,12 +81,22 @@ def _inputs(seed, scale=2.0, b=B, t=T, u=U, v=V):
     return logits, labels
 
 
-def _run(logits, labels, dtype=jnp.float32, logit_lengths=LOGIT_LENGTHS,
-         label_lengths=LABEL_LENGTHS, weights=None):
+def _run(
+    logits,
+    labels,
+    dtype=jnp.float32,
+    logit_lengths=LOGIT_LENGTHS,
+    label_lengths=LABEL_LENGTHS,
+    weights=None,
+):
     weights = np.ones(len(logits)) if weights is None else weights
-    losses, grad = loss_and_grad(jnp.asarray(logits, dtype), jnp.asarray(logit_lengths),
-                                 jnp.asarray(labels), jnp.asarray(label_lengths),
-                                 jnp.asarray(weights, jnp.float32))
+    losses, grad = loss_and_grad(
+        jnp.asarray(logits, dtype),
+        jnp.asarray(logit_lengths),
+        jnp.asarray(labels),
+        jnp.asarray(label_lengths),
+        jnp.asarray(weights, jnp.float32),
+    )
     return np.asarray(losses), np.asarray(grad.astype(jnp.float32)), grad.dtype
 
 
@@ -112,11 +127,13 @@ def test_label_equal_to_blank_without_validation(dtype):
     logits = np.asarray(jnp.asarray(logits, dtype).astype(jnp.float32), np.float64)
     labels[:, 0] = 0
     losses, grad, _ = _run(logits, labels, dtype=dtype)
-    np.testing.assert_allclose(losses, brute_batch(logits, LOGIT_LENGTHS, labels, LABEL_LENGTHS),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        losses, brute_batch(logits, LOGIT_LENGTHS, labels, LABEL_LENGTHS), rtol=1e-5
+    )
     ref = brute_grad(logits, LOGIT_LENGTHS, labels, LABEL_LENGTHS, np.ones(B))
-    np.testing.assert_allclose(grad, ref, rtol=1e-2 if dtype == jnp.bfloat16 else 1e-4,
-                               atol=1e-2 * np.abs(ref).max())
+    np.testing.assert_allclose(
+        grad, ref, rtol=1e-2 if dtype == jnp.bfloat16 else 1e-4, atol=1e-2 * np.abs(ref).max()
+    )
 
 
 def numpy_dp_nll(logits, labels):
@@ -144,7 +161,7 @@ def test_more_labels_than_frames_and_long_lattices():
     logits, labels = _inputs(11, t=40, u=15)  # many anti-diagonals: vs a float64 textbook DP
     tl, ul = np.array([40, 33, 7, 21]), np.array([15, 9, 12, 0])
     losses, _, _ = _run(logits, labels, logit_lengths=tl, label_lengths=ul)
-    ref = [numpy_dp_nll(logits[b, :tl[b], :ul[b] + 1], labels[b, :ul[b]]) for b in range(B)]
+    ref = [numpy_dp_nll(logits[b, : tl[b], : ul[b] + 1], labels[b, : ul[b]]) for b in range(B)]
     np.testing.assert_allclose(losses, ref, rtol=1e-5)
 
 
@@ -156,7 +173,7 @@ def test_padding_is_ignored_and_gets_zero_grad():
     labels_garbage = labels.copy()
     for b, (tl, ul) in enumerate(zip(LOGIT_LENGTHS, LABEL_LENGTHS, strict=True)):
         garbage[b, tl:] = rng.normal(size=garbage[b, tl:].shape) * 1e3
-        garbage[b, :, ul + 1:] = rng.normal(size=garbage[b, :, ul + 1:].shape) * 1e3
+        garbage[b, :, ul + 1 :] = rng.normal(size=garbage[b, :, ul + 1 :].shape) * 1e3
         labels_garbage[b, ul:] = rng.choice([-7, 0, V, 10 * V], size=U - ul)
     garbage[1, 4, 0, 1] = np.nan  # non-finite garbage beyond the lengths, too
     garbage[1, 3, 3, 2] = np.inf
@@ -165,8 +182,8 @@ def test_padding_is_ignored_and_gets_zero_grad():
     np.testing.assert_array_equal(losses2, losses)
     np.testing.assert_array_equal(grad2, grad)
     for b, (tl, ul) in enumerate(zip(LOGIT_LENGTHS, LABEL_LENGTHS, strict=True)):
-        assert not np.any(grad2[b, tl:]) and not np.any(grad2[b, :, ul + 1:])
-        assert np.all(np.abs(grad2[b, :tl, :ul + 1]).sum(-1) > 0)
+        assert not np.any(grad2[b, tl:]) and not np.any(grad2[b, :, ul + 1 :])
+        assert np.all(np.abs(grad2[b, :tl, : ul + 1]).sum(-1) > 0)
 
 
 def test_no_labels_and_single_frame():
@@ -176,8 +193,7 @@ def test_no_labels_and_single_frame():
     lens = np.array([5, 1, 2, 5])
     losses, grad, _ = _run(logits, labels, logit_lengths=lens, label_lengths=np.zeros(B, int))
     lp = _log_softmax(logits)[:, :, 0, 0]
-    np.testing.assert_allclose(losses, [-lp[b, :tl].sum() for b, tl in enumerate(lens)],
-                               rtol=1e-5)
+    np.testing.assert_allclose(losses, [-lp[b, :tl].sum() for b, tl in enumerate(lens)], rtol=1e-5)
     assert np.all(np.isfinite(grad))
     # T = 1: all labels are emitted from the single frame, then one blank.
     logits, labels = _inputs(4, t=1)
@@ -209,34 +225,45 @@ def test_huge_logits_stay_finite_and_exact():
 
 def test_eager_call_matches_jit():
     logits, labels = _inputs(7)
-    eager = rnnt_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(LOGIT_LENGTHS),
-                      jnp.asarray(labels), jnp.asarray(LABEL_LENGTHS))
+    eager = rnnt_loss(
+        jnp.asarray(logits, jnp.float32),
+        jnp.asarray(LOGIT_LENGTHS),
+        jnp.asarray(labels),
+        jnp.asarray(LABEL_LENGTHS),
+    )
     np.testing.assert_allclose(eager, _run(logits, labels)[0], rtol=1e-6)
 
 
 def _args(**overrides):
     logits, labels = _inputs(8)
-    args = dict(logits=jnp.asarray(logits, jnp.float32), logit_lengths=jnp.asarray(LOGIT_LENGTHS),
-                labels=jnp.asarray(labels), label_lengths=jnp.asarray(LABEL_LENGTHS))
+    args = dict(
+        logits=jnp.asarray(logits, jnp.float32),
+        logit_lengths=jnp.asarray(LOGIT_LENGTHS),
+        labels=jnp.asarray(labels),
+        label_lengths=jnp.asarray(LABEL_LENGTHS),
+    )
     args.update(overrides)
     return args
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (dict(logits=jnp.zeros((B, T, U + 1))), "logits must be"),
-    (dict(logits=jnp.zeros((B, T, U + 1, V), jnp.int32)), "logits must be a float"),
-    (dict(labels=jnp.zeros((B, U + 1), jnp.int32)), "labels must have shape"),
-    (dict(labels=jnp.zeros((B, U))), "labels must be an integer"),
-    (dict(logit_lengths=jnp.zeros((B + 1,), jnp.int32)), "logit_lengths must have shape"),
-    (dict(label_lengths=jnp.zeros((B,), jnp.float32)), "label_lengths must be an integer"),
-    (dict(blank_id=V), "blank_id"),
-    (dict(labels=jnp.full((B, U), V)), r"labels must lie in \[0, V=6\)"),
-    (dict(labels=jnp.full((B, U), -1)), "labels must lie"),
-    (dict(labels=jnp.zeros((B, U), jnp.int32)), "differ from blank_id"),
-    (dict(logit_lengths=jnp.array([5, 6, 1, 1])), "logit_lengths must lie in"),
-    (dict(logit_lengths=jnp.array([5, 0, 1, 1])), "logit_lengths must lie in"),
-    (dict(label_lengths=jnp.array([3, 4, 0, 0])), "label_lengths must lie in"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(logits=jnp.zeros((B, T, U + 1))), "logits must be"),
+        (dict(logits=jnp.zeros((B, T, U + 1, V), jnp.int32)), "logits must be a float"),
+        (dict(labels=jnp.zeros((B, U + 1), jnp.int32)), "labels must have shape"),
+        (dict(labels=jnp.zeros((B, U))), "labels must be an integer"),
+        (dict(logit_lengths=jnp.zeros((B + 1,), jnp.int32)), "logit_lengths must have shape"),
+        (dict(label_lengths=jnp.zeros((B,), jnp.float32)), "label_lengths must be an integer"),
+        (dict(blank_id=V), "blank_id"),
+        (dict(labels=jnp.full((B, U), V)), r"labels must lie in \[0, V=6\)"),
+        (dict(labels=jnp.full((B, U), -1)), "labels must lie"),
+        (dict(labels=jnp.zeros((B, U), jnp.int32)), "differ from blank_id"),
+        (dict(logit_lengths=jnp.array([5, 6, 1, 1])), "logit_lengths must lie in"),
+        (dict(logit_lengths=jnp.array([5, 0, 1, 1])), "logit_lengths must lie in"),
+        (dict(label_lengths=jnp.array([3, 4, 0, 0])), "label_lengths must lie in"),
+    ],
+)
 def test_bad_input_raises_naming_the_argument(overrides, match):
     with pytest.raises(ValueError, match=match):
         rnnt_loss(**_args(**overrides))

@@ -46,8 +46,16 @@ def _logaddexp(a, b):
 # Input checks.
 
 
-def check_static(logits_shape, logits_dtype, logit_lengths, labels, label_lengths, blank_id,
-                 *, logits_name="logits"):
+def check_static(
+    logits_shape,
+    logits_dtype,
+    logit_lengths,
+    labels,
+    label_lengths,
+    blank_id,
+    *,
+    logits_name="logits",
+):
     """Trace-time shape and dtype checks; `logits_shape` is `[B, T, U+1, V]`."""
     if len(logits_shape) != 4:
         raise ValueError(f"{logits_name} must be [B, T, U+1, V], got shape {tuple(logits_shape)}")
@@ -56,11 +64,16 @@ def check_static(logits_shape, logits_dtype, logit_lengths, labels, label_length
     b, t, u1, v = logits_shape
     if t < 1 or u1 < 1 or v < 2:
         raise ValueError(f"{logits_name} needs T >= 1, U+1 >= 1, V >= 2, got {tuple(logits_shape)}")
-    for name, x, shape in (("logit_lengths", logit_lengths, (b,)), ("labels", labels, (b, u1 - 1)),
-                           ("label_lengths", label_lengths, (b,))):
+    for name, x, shape in (
+        ("logit_lengths", logit_lengths, (b,)),
+        ("labels", labels, (b, u1 - 1)),
+        ("label_lengths", label_lengths, (b,)),
+    ):
         if tuple(jnp.shape(x)) != shape:
-            raise ValueError(f"{name} must have shape {shape} to match {logits_name} "
-                             f"{tuple(logits_shape)}, got {tuple(jnp.shape(x))}")
+            raise ValueError(
+                f"{name} must have shape {shape} to match {logits_name} "
+                f"{tuple(logits_shape)}, got {tuple(jnp.shape(x))}"
+            )
         if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
             raise ValueError(f"{name} must be an integer array, got dtype {jnp.result_type(x)}")
     if not 0 <= blank_id < v:
@@ -78,15 +91,19 @@ def _check_values_np(logit_lengths, labels, label_lengths, *, num_frames, vocab_
     bad = valid & ((labels < 0) | (labels >= vocab_size) | (labels == blank_id))
     if np.any(bad):
         b, u = np.argwhere(bad)[0]
-        raise ValueError(f"labels must lie in [0, V={vocab_size}) and differ from blank_id="
-                         f"{blank_id} within label_lengths; labels[{b}, {u}] = {labels[b, u]}")
+        raise ValueError(
+            f"labels must lie in [0, V={vocab_size}) and differ from blank_id="
+            f"{blank_id} within label_lengths; labels[{b}, {u}] = {labels[b, u]}"
+        )
 
 
-def check_values(logit_lengths, labels, label_lengths, *, num_frames, vocab_size, blank_id,
-                 validate):
+def check_values(
+    logit_lengths, labels, label_lengths, *, num_frames, vocab_size, blank_id, validate
+):
     """Value checks: eagerly when concrete, else via `jax.debug.callback` if `validate`."""
-    check = functools.partial(_check_values_np, num_frames=num_frames, vocab_size=vocab_size,
-                              blank_id=blank_id)
+    check = functools.partial(
+        _check_values_np, num_frames=num_frames, vocab_size=vocab_size, blank_id=blank_id
+    )
     args = (logit_lengths, labels, label_lengths)
     if not any(isinstance(x, jax.core.Tracer) for x in args):
         check(*args)
@@ -266,8 +283,9 @@ lattice_nll.defvjp(_lattice_fwd, _lattice_bwd)
 @functools.partial(jax.jit, static_argnames=("blank_id",))
 def _rnnt_loss(logits, logit_lengths, labels, label_lengths, blank_id):
     blank, label = blank_label_logprobs(logits, labels, blank_id)
-    return lattice_nll(blank, label, logit_lengths.astype(jnp.int32),
-                       label_lengths.astype(jnp.int32))
+    return lattice_nll(
+        blank, label, logit_lengths.astype(jnp.int32), label_lengths.astype(jnp.int32)
+    )
 
 
 def rnnt_loss(logits, logit_lengths, labels, label_lengths, *, blank_id=0, validate=False):
@@ -285,8 +303,16 @@ def rnnt_loss(logits, logit_lengths, labels, label_lengths, *, blank_id=0, valid
     Returns:
       `[B]` float32 losses. Values beyond the lengths do not affect them and get zero gradient.
     """
-    check_static(jnp.shape(logits), jnp.result_type(logits), logit_lengths, labels,
-                 label_lengths, blank_id)
-    check_values(logit_lengths, labels, label_lengths, num_frames=logits.shape[1],
-                 vocab_size=logits.shape[3], blank_id=blank_id, validate=validate)
+    check_static(
+        jnp.shape(logits), jnp.result_type(logits), logit_lengths, labels, label_lengths, blank_id
+    )
+    check_values(
+        logit_lengths,
+        labels,
+        label_lengths,
+        num_frames=logits.shape[1],
+        vocab_size=logits.shape[3],
+        blank_id=blank_id,
+        validate=validate,
+    )
     return _rnnt_loss(logits, logit_lengths, labels, label_lengths, blank_id)

@@ -17,8 +17,18 @@ from jaxspeech.losses.rnnt import blank_label_logprobs, check_static, check_valu
 DEFAULT_TIME_CHUNK = 8
 
 
-def rnnt_loss_fused(encoder_out, predictor_out, joint_fn, labels, logit_lengths, label_lengths,
-                    *, blank_id=0, time_chunk=DEFAULT_TIME_CHUNK, validate=False):
+def rnnt_loss_fused(
+    encoder_out,
+    predictor_out,
+    joint_fn,
+    labels,
+    logit_lengths,
+    label_lengths,
+    *,
+    blank_id=0,
+    time_chunk=DEFAULT_TIME_CHUNK,
+    validate=False,
+):
     """Per-example RNN-T negative log-likelihood `[B]` (nats), joint evaluated chunk by chunk.
 
     Args:
@@ -35,15 +45,34 @@ def rnnt_loss_fused(encoder_out, predictor_out, joint_fn, labels, logit_lengths,
     Returns:
       `[B]` float32 losses, equal to `rnnt_loss(joint_fn(enc[:, :, None], pred[:, None]), ...)`.
     """
-    blank, label = lattice_logprobs(encoder_out, predictor_out, joint_fn, labels, logit_lengths,
-                                    label_lengths, blank_id=blank_id, time_chunk=time_chunk,
-                                    validate=validate)
-    return lattice_nll(blank, label, jnp.asarray(logit_lengths, jnp.int32),
-                       jnp.asarray(label_lengths, jnp.int32))
+    blank, label = lattice_logprobs(
+        encoder_out,
+        predictor_out,
+        joint_fn,
+        labels,
+        logit_lengths,
+        label_lengths,
+        blank_id=blank_id,
+        time_chunk=time_chunk,
+        validate=validate,
+    )
+    return lattice_nll(
+        blank, label, jnp.asarray(logit_lengths, jnp.int32), jnp.asarray(label_lengths, jnp.int32)
+    )
 
 
-def lattice_logprobs(encoder_out, predictor_out, joint_fn, labels, logit_lengths, label_lengths,
-                     *, blank_id=0, time_chunk=DEFAULT_TIME_CHUNK, validate=False):
+def lattice_logprobs(
+    encoder_out,
+    predictor_out,
+    joint_fn,
+    labels,
+    logit_lengths,
+    label_lengths,
+    *,
+    blank_id=0,
+    time_chunk=DEFAULT_TIME_CHUNK,
+    validate=False,
+):
     """The lattice's blank `[B, T, U+1]` and label `[B, T, U]` log-probs (float32), joint
     evaluated chunk by chunk: what `rnnt_loss_fused` sums over and lattice distillation
     (`jaxspeech.losses.distill`) compares. Differentiable; the arguments are as for
@@ -61,23 +90,43 @@ def lattice_logprobs(encoder_out, predictor_out, joint_fn, labels, logit_lengths
     chunk = min(time_chunk, t)
     u1 = predictor_out.shape[1]
     probe = jax.eval_shape(
-        joint_fn, jax.ShapeDtypeStruct((b, chunk, 1, encoder_out.shape[2]), encoder_out.dtype),
-        jax.ShapeDtypeStruct((b, 1, u1, predictor_out.shape[2]), predictor_out.dtype))
+        joint_fn,
+        jax.ShapeDtypeStruct((b, chunk, 1, encoder_out.shape[2]), encoder_out.dtype),
+        jax.ShapeDtypeStruct((b, 1, u1, predictor_out.shape[2]), predictor_out.dtype),
+    )
     if probe.shape[:3] != (b, chunk, u1):
-        raise ValueError(f"joint_fn output must be [B, t, U+1, V] = [{b}, {chunk}, {u1}, V] for "
-                         f"encoder_out {encoder_out.shape}, predictor_out {predictor_out.shape}; "
-                         f"got {probe.shape}")
+        raise ValueError(
+            f"joint_fn output must be [B, t, U+1, V] = [{b}, {chunk}, {u1}, V] for "
+            f"encoder_out {encoder_out.shape}, predictor_out {predictor_out.shape}; "
+            f"got {probe.shape}"
+        )
     vocab = probe.shape[-1]
-    check_static((b, t, u1, vocab), probe.dtype, logit_lengths, labels, label_lengths, blank_id,
-                 logits_name="joint_fn output (as [B, T, U+1, V])")
-    check_values(logit_lengths, labels, label_lengths, num_frames=t, vocab_size=vocab,
-                 blank_id=blank_id, validate=validate)
-    return _logprobs(encoder_out, predictor_out, joint_fn, labels, logit_lengths, label_lengths,
-                     blank_id, chunk)
+    check_static(
+        (b, t, u1, vocab),
+        probe.dtype,
+        logit_lengths,
+        labels,
+        label_lengths,
+        blank_id,
+        logits_name="joint_fn output (as [B, T, U+1, V])",
+    )
+    check_values(
+        logit_lengths,
+        labels,
+        label_lengths,
+        num_frames=t,
+        vocab_size=vocab,
+        blank_id=blank_id,
+        validate=validate,
+    )
+    return _logprobs(
+        encoder_out, predictor_out, joint_fn, labels, logit_lengths, label_lengths, blank_id, chunk
+    )
 
 
-def _logprobs(encoder_out, predictor_out, joint_fn, labels, logit_lengths, label_lengths, blank_id,
-              chunk):
+def _logprobs(
+    encoder_out, predictor_out, joint_fn, labels, logit_lengths, label_lengths, blank_id, chunk
+):
     b, t, j = encoder_out.shape
     logit_lengths = jnp.asarray(logit_lengths, jnp.int32)
     label_lengths = jnp.asarray(label_lengths, jnp.int32)
