@@ -39,8 +39,10 @@ first half and ramped in after (`SCRATCH_COMPUTE_RAMP`); `none,scratch` is the m
 `budget=C` (`arbitrator` cells): a compute budget instead of a price (`model.compute_target`
 = C): the loss pays the weight times the batch's mean executed fraction in excess of C, nothing
 within it, so the gates settle at the budget and stay there; from scratch the compute loss then
-ramps in earlier (`SCRATCH_BUDGET_RAMP`: a budget cannot collapse the gates). E.g. 38% of the
-deep encoder's compute:
+ramps in earlier (`SCRATCH_BUDGET_RAMP`: a budget cannot collapse the gates). `anneal` (with
+`budget=C` and `scratch`) lowers the budget gradually instead, from 1 to C over the steps of
+`SCRATCH_BUDGET_ANNEAL` (`train.budget_anneal`, the cubic schedule of gradual pruning): the gates
+drop components one by one while the encoder adapts. E.g. 38% of the deep encoder's compute:
 
   python scripts/train.py \
       --config experiments/commands_arbitrator.py:arbitrator,64,scratch,deep,budget=0.38 \
@@ -82,6 +84,10 @@ SCRATCH_COMPUTE_RAMP = (1200, 400)
 # earlier: off for 400 steps, ramped in over 400 (of (0,0), (100,100), (200,200), (400,400) and
 # (800,400) at budget 0.38 and weight 64, the lowest test WER; experiments/RESULTS.md).
 SCRATCH_BUDGET_RAMP = (400, 400)
+# The `anneal` option: the budget falls from 1 at step 400 to C at step 1600 (train.budget_anneal
+# = (start, steps)), then holds for the last third, where `hard_gate_steps=800` trains with the
+# inference gates.
+SCRATCH_BUDGET_ANNEAL = (400, 1200)
 # The `ramp` option for fine-tuning: at full weight from step 0 the gates settle within 100 of the
 # 600 steps (experiments/RESULTS.md), before the encoder can adapt to what it loses. With the ramp,
 # 100 steps without the compute loss (the gates still sample: component dropout), then 300 steps
@@ -111,7 +117,7 @@ def parse(arg: str | None) -> dict:
     except ValueError:
         share = -1.0  # rejected below
     flags = {"tiny", "scratch", "block", "st", "gumbel_soft", "chunk", "chunk_attn", "deep"}
-    flags |= {"ramp", "distill", "priced"}
+    flags |= {"ramp", "distill", "priced", "anneal"}
     rest = [t for t in tokens if t not in flags]
     method = rest[0] if rest else "arbitrator"
     values = rest[1:]
@@ -131,12 +137,13 @@ def parse(arg: str | None) -> dict:
     ok = ok and not ("distill" in tokens and method not in ("arbitrator", "static"))
     ok = ok and len(budgets) <= 1 and (not budgets or (method == "arbitrator" and 0 < budget <= 1))
     ok = ok and len(shares) <= 1 and 0 <= share <= 1
+    ok = ok and not ("anneal" in tokens and not (budgets and "scratch" in tokens))
     if not ok or (method == "window" and (value != int(value) or value < 0)):
         raise ValueError(
             f"unknown variant {arg!r}; use 'none', "
             "'arbitrator[,WEIGHT][,block][,chunk|chunk_attn][,priced|priced=SHARE][,ramp][,distill]"
             "[,st|gumbel_soft]"
-            "[,budget=FRACTION]' "
+            "[,budget=FRACTION[,anneal]]' "
             "'window,LEFT_CHUNKS' or 'static,ATTN,FFN[,distill]' (e.g. static,0001,1101; "
             "optionally with 'tiny', 'scratch' or 'deep'), e.g. "
             "commands_arbitrator.py:"
@@ -159,6 +166,7 @@ def parse(arg: str | None) -> dict:
         estimator=estimator or "gumbel_st",
         static=pruning,
         budget=budget,
+        anneal="anneal" in tokens,
     )
 
 
@@ -194,6 +202,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         if p["method"] == "arbitrator":
             c.optim.arbitrator_lr_scale = SCRATCH_ARB_LR_SCALE
             c.train.compute_ramp = SCRATCH_BUDGET_RAMP if p["budget"] else SCRATCH_COMPUTE_RAMP
+            if p["anneal"]:
+                c.train.budget_anneal = SCRATCH_BUDGET_ANNEAL
         return c
     if p["method"] == "arbitrator" and p["ramp"]:
         c.train.compute_ramp = FINETUNE_COMPUTE_RAMP

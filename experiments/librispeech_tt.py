@@ -153,6 +153,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             init_from="",  # a trained workdir to warm-start from (params, normalization, tokenizer)
             gate_temperature=(1.0, 1.0),  # arbitrator gates: (start, end), exponential anneal
             hard_gate_steps=0,  # arbitrators: the last N steps train with the inference gates
+            budget_anneal=(0, 0),  # arbitrators: (start, steps) lowering a budget from 1
         )
     )
     c.eval = ml_collections.ConfigDict(

@@ -1,6 +1,9 @@
 """The compute budget (`model.compute_target`): the batch-mean hinge against a hand computation,
 no pressure within the budget, the plain compute loss's gradient above it, padding rows left
-out, and the model's loss using it in place of the compute price."""
+out, the model's loss using it in place of the compute price, and the annealed budget
+(`train.budget_anneal`)."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +13,8 @@ from flax import nnx
 from test_arbitrator import CFG, LENGTHS, _model  # tests/test_arbitrator.py
 
 from jaxspeech.models import flops
+from jaxspeech.models.arbitrator import budget_anneal
+from jaxspeech.train import loop
 from jaxspeech.train import step as step_lib
 
 LABELS, LABEL_LENGTHS = jnp.array([[1, 2, 3], [4, 5, 0]]), jnp.array([3, 2])
@@ -41,13 +46,14 @@ def feats():
     return jax.random.normal(jax.random.key(1), (2, 128, CFG.num_mels))
 
 
-def _sums(model, feats, scale=None):
+def _sums(model, feats, scale=None, target=None):
     """The train step's loss sums (`step._loss_sums`) and the gradient of their total."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     batch = {"labels": LABELS, "label_lengths": LABEL_LENGTHS, "audio_lengths": jnp.array([1, 1])}
 
     def run(p):
-        return step_lib._loss_sums(nnx.merge(graphdef, p, rest), batch, feats, LENGTHS, scale)
+        model = nnx.merge(graphdef, p, rest)
+        return step_lib._loss_sums(model, batch, feats, LENGTHS, scale, compute_target=target)
 
     return jax.jit(run)(params), jax.jit(jax.grad(lambda p: run(p)[0]))(params)
 
@@ -89,6 +95,40 @@ def test_the_loss_pays_only_the_excess_over_the_budget(feats):
     # The compute ramp scales the budget's term like the price's.
     (total_half, *_), _ = _sums(binding, feats, scale=0.5)
     np.testing.assert_allclose(total_half, terms["rnnt"] + 25.0 * 2 * 0.1, rtol=1e-4)
+
+
+def test_an_annealed_budget_is_the_cubic_of_gradual_pruning(feats):
+    """train.budget_anneal = (start, steps): 1 until start, then C + (1 - C)(1 - p)^3, C after;
+    the train step's override of the budget gives the loss of a model built with that budget."""
+    budget = budget_anneal(0.4, 10, 20, num_steps=50, hard_steps=20)
+    want = [1.0, 1.0, 0.4 + 0.6 * 0.5**3, 0.4 + 0.6 * 0.25**3, 0.4, 0.4]
+    np.testing.assert_allclose([budget(s) for s in (0, 10, 20, 25, 30, 49)], want, rtol=1e-6)
+    for bad in ((0.0, 10, 20), (0.4, -1, 20), (0.4, 10, 0), (0.4, 11, 20)):  # the last: too late
+        with pytest.raises(ValueError, match="budget_anneal"):
+            budget_anneal(*bad, num_steps=50, hard_steps=20)
+    common = dict(compute_weight=50.0, gate_estimator="st", dropout=0.0)
+    loose = _model(**common, compute_target=0.9)
+    loose.train()
+    (_, _, _, terms), _ = _sums(loose, feats)
+    mean = float(jnp.sum(terms["compute"])) / 2
+    (total, _, _, t_over), g_over = _sums(loose, feats, target=jnp.float32(mean - 0.1))
+    tight = _model(**common, compute_target=mean - 0.1)
+    tight.train()
+    (total_t, _, _, t_tight), g_tight = _sums(tight, feats)
+    np.testing.assert_allclose(t_over["compute_excess"], t_tight["compute_excess"], rtol=1e-5)
+    np.testing.assert_allclose(total, total_t, rtol=1e-6)
+    np.testing.assert_allclose(_arbitrator_grad(g_over), _arbitrator_grad(g_tight), rtol=1e-5)
+    (total_1, _, _, t_1), _ = _sums(tight, feats, target=jnp.float32(1.0))  # no constraint yet
+    assert float(t_1["compute_excess"]) == 0.0
+    np.testing.assert_allclose(total_1, t_1["rnnt"], rtol=1e-6)
+    # The loop builds it from the train config, and refuses it where nothing can anneal.
+    tc = {"budget_anneal": (10, 20), "num_steps": 50, "hard_gate_steps": 20}
+    assert float(loop._compute_budget(tight.cfg, tc)(10)) == 1.0
+    assert loop._compute_budget(tight.cfg, {**tc, "budget_anneal": (0, 0)}) is None
+    with pytest.raises(ValueError, match="no arbitrators"):
+        loop._compute_budget(_model(arbitrator="none").cfg, tc)
+    with pytest.raises(ValueError, match="compute_target"):  # an anneal needs a budget
+        loop._compute_budget(dataclasses.replace(loose.cfg, compute_target=0.0), tc)
 
 
 def test_config_validation():

@@ -33,6 +33,7 @@ CONFIGS = [
     ("commands_arbitrator.py", "arbitrator,64,scratch,deep,budget=0.38"),
     ("commands_arbitrator.py", "arbitrator,64,scratch,deep,chunk_attn,budget=0.38"),
     ("commands_arbitrator.py", "arbitrator,64,scratch,deep,priced,budget=0.38"),
+    ("commands_arbitrator.py", "arbitrator,64,scratch,deep,priced,budget=0.38,anneal"),
     ("librispeech_arbitrator.py", None),
     ("librispeech_arbitrator.py", "30,/data/LibriSpeech"),
     ("commands_squashed.py", None),
@@ -139,10 +140,15 @@ def test_budget_variant():
         vocab_size=30,
     )
     assert (shared.price_per_chunk, shared.chunk_price_share) == (True, 0.4)
+    assert tuple(config.train.budget_anneal) == (0, 0)  # a fixed budget by default
+    annealed = load("commands_arbitrator.py", "arbitrator,64,scratch,deep,budget=0.38,anneal")[1]
+    assert tuple(annealed.train.budget_anneal) == module.SCRATCH_BUDGET_ANNEAL
+    assert tuple(annealed.train.compute_ramp) == module.SCRATCH_BUDGET_RAMP
     for bad in ("arbitrator,64,budget=1.5", "arbitrator,64,budget=x", "window,1,budget=0.4",
                 "static,0001,1101,budget=0.4", "arbitrator,64,budget=0.3,budget=0.4",
                 "arbitrator,64,chunk,chunk_attn", "window,1,priced", "window,1,priced=0.4",
-                "arbitrator,64,priced=1.5", "arbitrator,64,priced=x"):  # fmt: skip
+                "arbitrator,64,priced=1.5", "arbitrator,64,priced=x",
+                "arbitrator,64,scratch,anneal", "arbitrator,64,budget=0.38,anneal"):  # fmt: skip
         with pytest.raises(ValueError, match="unknown variant"):
             load("commands_arbitrator.py", bad)
 

@@ -27,7 +27,8 @@ the mean. With `ffn_per_frame` as well, only the attention gates decide per chun
 feed-forward gates stay per frame. At inference (`model.eval()`) every estimator gives the
 hard gate 1[l > 0]. The temperature tau lives in the model (`GateTemperature`) and the train
 step anneals it (`temperature_schedule`); for the last `train.hard_gate_steps` it sets tau = 0,
-which trains with the inference gates themselves (`with_hard_phase`).
+which trains with the inference gates themselves (`with_hard_phase`). A compute budget
+(`compute_target`) can be lowered gradually from 1 during training (`budget_anneal`).
 Gates of padded frames are 0. `gate_init_bias` (the output bias, default 4: P(on) ~ 0.98) makes a
 fresh arbitrator keep nearly everything on, so warm-starting from a trained T-T starts from it.
 """
@@ -92,6 +93,34 @@ def compute_ramp(delay: int, ramp: int):
         if ramp == 0:
             return (done >= 0).astype(jnp.float32)
         return jnp.clip((done + 1) / ramp, 0.0, 1.0)
+
+    return schedule
+
+
+def budget_anneal(target: float, start: int, steps: int, num_steps: int, hard_steps: int = 0):
+    """budget(step) of a compute budget lowered gradually (`train.budget_anneal` = (start,
+    steps)), the schedule of gradual magnitude pruning (Zhu & Gupta, "To prune, or not to
+    prune", 2017): 1 (no constraint) until `start`, then target + (1 - target) (1 - p)^3 at
+    p = (step - start) / steps, `target` from `start + steps` on. The cube takes the most
+    components early, while many are redundant, and the last ones slowly, so the encoder adapts
+    as it loses them; a fixed budget instead drops everything it will drop as soon as the
+    compute loss ramps in. The anneal must end before the hard-gate phase (`hard_steps`, the
+    last steps of `num_steps`), which gives the arbitrators no gradient."""
+    if not 0 < target <= 1:
+        raise ValueError(
+            f"train.budget_anneal needs a compute budget (model.compute_target in (0, 1]), "
+            f"got compute_target={target}"
+        )
+    if start < 0 or steps <= 0 or start + steps > num_steps - hard_steps:
+        raise ValueError(
+            f"train.budget_anneal = ({start}, {steps}) must have start >= 0, steps > 0 and end "
+            f"(start + steps) by step {num_steps - hard_steps} (train.num_steps = {num_steps} "
+            f"less train.hard_gate_steps = {hard_steps}, where the gates stop learning)"
+        )
+
+    def schedule(step):
+        p = jnp.clip((jnp.asarray(step, jnp.float32) - start) / steps, 0.0, 1.0)
+        return target + (1.0 - target) * (1.0 - p) ** 3
 
     return schedule
 

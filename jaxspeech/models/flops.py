@@ -135,7 +135,7 @@ def compute_fraction(
     return executed / jnp.maximum(ungated, 1.0)
 
 
-def budget_excess(fraction: jax.Array, valid: jax.Array, target: float) -> jax.Array:
+def budget_excess(fraction: jax.Array, valid: jax.Array, target: float | jax.Array) -> jax.Array:
     """The compute budget's loss term per utterance [B] (`TransducerConfig.compute_target`):
     its mean over the valid utterances is max(0, mean(fraction) - target), the batch's excess
     over the budget. Below the budget every entry is 0; above it, each valid utterance's

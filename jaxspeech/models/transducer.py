@@ -180,6 +180,7 @@ class TransformerTransducer(nnx.Module):
         labels: jax.Array,
         label_lengths: jax.Array,
         teacher: tuple[jax.Array, jax.Array] | None = None,
+        compute_target: jax.Array | float | None = None,
     ) -> dict[str, jax.Array]:
         """Per-example loss terms [B]: `rnnt` (nats, never materializing the [B,T,U+1,V]
         logits); with `teacher` (a trained model's `lattice` on this batch), `teacher_kd`: the
@@ -191,7 +192,8 @@ class TransformerTransducer(nnx.Module):
         executed gated-encoder FLOPs under the (relaxed) gates as a fraction of the ungated
         encoder's (`flops.compute_fraction`; differentiable in the gates); with a compute budget
         (`cfg.compute_target`), also `compute_excess` (`flops.budget_excess`), which then takes
-        the compute term's place in the loss.
+        the compute term's place in the loss; `compute_target` (a scalar, possibly traced: an
+        annealed budget, `arbitrator.budget_anneal`) replaces the configured budget's value.
 
         In-place self-distillation (`full_pass_weight` / `distill_weight` > 0, a gated encoder):
         the same batch also runs through the ungated encoder (every component on every frame,
@@ -220,8 +222,9 @@ class TransformerTransducer(nnx.Module):
         if self.encoder.arbitrator is not None:
             terms["compute"] = flops.compute_fraction(self.cfg, enc_lengths, trace.attn, trace.ffn)
             if self.cfg.compute_target > 0:
+                target = self.cfg.compute_target if compute_target is None else compute_target
                 terms["compute_excess"] = flops.budget_excess(
-                    terms["compute"], enc_lengths > 0, self.cfg.compute_target
+                    terms["compute"], enc_lengths > 0, target
                 )
         if self.cfg.full_pass_weight > 0 or self.cfg.distill_weight > 0:
             terms.update(

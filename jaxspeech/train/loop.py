@@ -223,6 +223,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         quant_weight=float(config.quant.regularizer_weight) if quant_rules else 0.0,
         gate_temperature=_gate_temperature(model_cfg, tc),
         compute_ramp=_compute_ramp(model_cfg, tc),
+        compute_budget=_compute_budget(model_cfg, tc),
         teacher=teacher,
         teacher_weight=float(tc.get("teacher_weight", 0.0)),
     )
@@ -362,6 +363,27 @@ def _compute_ramp(model_cfg, tc):
     if model_cfg.arbitrator == "none" or (delay, ramp) == (0, 0):
         return None
     return arbitrator_lib.compute_ramp(delay, ramp)
+
+
+def _compute_budget(model_cfg, tc):
+    """The annealed compute budget (train.budget_anneal = (start, steps): from 1 down to
+    model.compute_target, `arbitrator.budget_anneal`), or None: no anneal ((0, 0), the default;
+    the budget is model.compute_target from step 0)."""
+    start, steps = (int(v) for v in tc.get("budget_anneal", (0, 0)))
+    if (start, steps) == (0, 0):
+        return None
+    if model_cfg.arbitrator == "none":
+        raise ValueError(
+            f"train.budget_anneal = ({start}, {steps}) anneals a compute budget, but the model has "
+            "no arbitrators (model.arbitrator = 'none'); set it to (0, 0) or add arbitrators"
+        )
+    return arbitrator_lib.budget_anneal(
+        float(model_cfg.compute_target),
+        start,
+        steps,
+        int(tc.get("num_steps")),
+        int(tc.get("hard_gate_steps", 0)),
+    )
 
 
 def _load_init_model(source: str, description: dict):

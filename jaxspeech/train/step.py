@@ -17,8 +17,9 @@ A skip-and-count policy only needs a different host reaction.
 
 Arbitrators (`jaxspeech.models.arbitrator`): `gate_temperature(step)` sets the gates' relaxation
 temperature before each step; the loss includes `compute_weight * compute` (the model's `loss`;
-`compute_ramp(step)` scales the weight: a delayed, ramped compute loss), and `compute` (the mean
-executed fraction of the gated encoder's FLOPs under the sampled gates) is reported.
+`compute_ramp(step)` scales the weight: a delayed, ramped compute loss; `compute_budget(step)`
+sets a compute budget's value: an annealed budget), and `compute` (the mean executed fraction of
+the gated encoder's FLOPs under the sampled gates) is reported.
 """
 
 from __future__ import annotations
@@ -50,14 +51,27 @@ def _features(batch, feature_cfg, spec_augment_cfg, key):
 
 
 def _loss_sums(
-    model, batch, feats, feat_lengths, compute_scale=None, teacher=None, teacher_weight=0.0
+    model,
+    batch,
+    feats,
+    feat_lengths,
+    compute_scale=None,
+    teacher=None,
+    teacher_weight=0.0,
+    compute_target=None,
 ):
     """(loss sum, valid utterances, label tokens, {term: sum} of the loss terms (unscaled)).
     `compute_scale` multiplies the compute term's weight (a ramp; None: the model's weight);
     `teacher`: the teacher's lattice on this batch, whose distillation term (`teacher_kd`)
-    enters the loss at `teacher_weight`."""
+    enters the loss at `teacher_weight`; `compute_target`: the compute budget's value at this
+    step (an anneal; None: the model's `compute_target`)."""
     terms = model.loss_terms(
-        feats, feat_lengths, batch["labels"], batch["label_lengths"], teacher=teacher
+        feats,
+        feat_lengths,
+        batch["labels"],
+        batch["label_lengths"],
+        teacher=teacher,
+        compute_target=compute_target,
     )
     valid = (batch["audio_lengths"] > 0).astype(jnp.float32)
     weighted = dict(terms)
@@ -104,11 +118,14 @@ def make_train_step(
     compute_ramp=None,
     teacher=None,
     teacher_weight: float = 0.0,
+    compute_budget=None,
 ):
     """Returns `train_step(state, batch) -> (state, metrics)`, jitted with donation of `state`.
 
     `gate_temperature`: step -> arbitrator gate temperature (None: the model's stored value).
     `compute_ramp`: step -> multiplier of the compute loss weight (None: 1).
+    `compute_budget`: step -> the compute budget's value (None: the model's `compute_target`),
+    reported as `compute_budget`.
     `teacher`: (graphdef, state, shardings or None) of a frozen trained model (any transducer
     with this run's tokenizer), run in eval mode on each step's (augmented) features; the loss
     adds `teacher_weight` * its lattice distillation term (`losses.distill.lattice_kd`),
@@ -137,8 +154,9 @@ def make_train_step(
             )
             model.train()
             scale = None if compute_ramp is None else compute_ramp(step)
+            budget = None if compute_budget is None else compute_budget(step)
             total, count, tokens, sums = _loss_sums(
-                model, batch, feats, feat_lengths, scale, lattice, teacher_weight
+                model, batch, feats, feat_lengths, scale, lattice, teacher_weight, budget
             )
             loss = total / jnp.maximum(count, 1.0)
             reg = quantize.regularizer(trainable, quant_rules, quant_weight)
@@ -176,6 +194,8 @@ def make_train_step(
                 metrics[name] = sums[name] / jnp.maximum(count, 1.0)
         if compute_ramp is not None:
             metrics["compute_weight_scale"] = compute_ramp(step)
+        if compute_budget is not None:
+            metrics["compute_budget"] = compute_budget(step)
         return new, metrics
 
     kwargs = {}
