@@ -105,7 +105,8 @@ def budget_anneal(target: float, start: int, steps: int, num_steps: int, hard_st
     components early, while many are redundant, and the last ones slowly, so the encoder adapts
     as it loses them; a fixed budget instead drops everything it will drop as soon as the
     compute loss ramps in. The anneal must end before the hard-gate phase (`hard_steps`, the
-    last steps of `num_steps`), which gives the arbitrators no gradient."""
+    last steps of `num_steps`), which gives the arbitrators no gradient. On the spoken-commands
+    corpus it did no better than a fixed budget (experiments/RESULTS.md, "Gradual pruning")."""
     if not 0 < target <= 1:
         raise ValueError(
             f"train.budget_anneal needs a compute budget (model.compute_target in (0, 1]), "
