@@ -21,6 +21,8 @@ gates per frame: `model.ffn_per_frame`), `priced` (per-frame gates, the compute 
 per chunk: a component costs its whole 8-frame chunk if it is on for any frame of it,
 `model.price_per_chunk`, as streaming one utterance spends time; `priced=S` pays only the
 share S per chunk and 1 - S per frame the component runs on, `model.chunk_price_share`),
+`whole` (one gate per block and frame: attention and feed-forward network on or off together,
+`model.whole_block_gates`, so the budget buys whole blocks, the structure of a shallower encoder),
 `ramp` (fine-tuning: the compute loss off for the first steps, then ramped in,
 `FINETUNE_COMPUTE_RAMP`, so the encoder adapts while the gates switch components off),
 `tiny` (the tiny model from scratch, a few steps: tests, demos).
@@ -118,7 +120,7 @@ def parse(arg: str | None) -> dict:
     except ValueError:
         share = -1.0  # rejected below
     flags = {"tiny", "scratch", "block", "st", "gumbel_soft", "chunk", "chunk_attn", "deep"}
-    flags |= {"ramp", "distill", "priced", "anneal"}
+    flags |= {"ramp", "distill", "priced", "anneal", "whole"}
     rest = [t for t in tokens if t not in flags]
     method = rest[0] if rest else "arbitrator"
     values = rest[1:]
@@ -134,6 +136,7 @@ def parse(arg: str | None) -> dict:
     ok = ok and not ("tiny" in tokens and "scratch" in tokens)
     ok = ok and not ("chunk" in tokens and "chunk_attn" in tokens)
     ok = ok and not ("priced" in tokens and method != "arbitrator")
+    ok = ok and not ("whole" in tokens and (method != "arbitrator" or "chunk_attn" in tokens))
     ok = ok and not ("ramp" in tokens and "scratch" in tokens)  # scratch has its own ramp
     ok = ok and not ("distill" in tokens and method not in ("arbitrator", "static"))
     ok = ok and len(budgets) <= 1 and (not budgets or (method == "arbitrator" and 0 < budget <= 1))
@@ -142,7 +145,8 @@ def parse(arg: str | None) -> dict:
     if not ok or (method == "window" and (value != int(value) or value < 0)):
         raise ValueError(
             f"unknown variant {arg!r}; use 'none', "
-            "'arbitrator[,WEIGHT][,block][,chunk|chunk_attn][,priced|priced=SHARE][,ramp][,distill]"
+            "'arbitrator[,WEIGHT][,block][,chunk|chunk_attn][,priced|priced=SHARE][,whole][,ramp]"
+            "[,distill]"
             "[,st|gumbel_soft]"
             "[,budget=FRACTION[,anneal]]' "
             "'window,LEFT_CHUNKS' or 'static,ATTN,FFN[,distill]' (e.g. static,0001,1101; "
@@ -159,6 +163,7 @@ def parse(arg: str | None) -> dict:
         block="block" in tokens,
         chunk="chunk" in tokens or "chunk_attn" in tokens,
         ffn_per_frame="chunk_attn" in tokens,
+        whole="whole" in tokens,
         priced="priced" in tokens,
         chunk_price_share=share,
         deep="deep" in tokens,
@@ -182,6 +187,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.gate_estimator = p["estimator"]
         c.model.gate_per_chunk = p["chunk"]
         c.model.ffn_per_frame = p["ffn_per_frame"]
+        c.model.whole_block_gates = p["whole"]
         c.model.price_per_chunk = p["priced"]
         c.model.chunk_price_share = p["chunk_price_share"]
         c.model.gate_init_bias = GATE_BIAS

@@ -191,6 +191,50 @@ def test_per_chunk_gates_decide_once_per_chunk_and_stream_exactly(feats, ffn_per
     np.testing.assert_allclose(jnp.where(valid, stream(m, feats, True), 0), offline, atol=1e-5)
 
 
+@pytest.mark.parametrize("per_chunk", [False, True])
+def test_whole_block_gates_switch_both_components_together(feats, per_chunk):
+    """`whole_block_gates`: one decision per layer and frame (or chunk), 1[mean of the two
+    logits > 0], for attention and FFN alike; streaming with skipping equals it; the compute
+    loss's gradient reaches both logit units, half each."""
+    m = _model(whole_block_gates=True, gate_per_chunk=per_chunk)
+    m.eval()
+    c = m.cfg.chunk_size if per_chunk else 1
+    logits = jax.random.normal(jax.random.key(3), (2, 2, 10))  # [gates, B, T]
+    lengths = np.array([10, 6])
+    valid = np.arange(10)[None] < lengths[:, None]
+    got = np.asarray(m.encoder.arbitrator.gates(logits, jnp.asarray(valid)))
+    block = np.asarray(logits).mean(0)
+    want = np.zeros(got.shape)
+    for b, n in enumerate(lengths):
+        for k in range(0, n, c):
+            frames = slice(k, min(k + c, n))
+            want[:, b, frames] = block[b, frames].mean() > 0
+    assert np.any((np.asarray(logits)[0] > 0) != (np.asarray(logits)[1] > 0))  # they disagree
+    np.testing.assert_array_equal(got, want)
+    offline, enc_lengths, trace = encode(m, feats)
+    np.testing.assert_array_equal(trace.attn, trace.ffn)
+    valid = jnp.arange(offline.shape[1])[None] < enc_lengths[:, None]
+    on = np.asarray(trace.attn)[:, np.asarray(valid)]
+    assert on.min() == 0 and on.max() == 1  # a real mixture of skipped and run blocks
+    valid = valid[..., None]
+    np.testing.assert_allclose(jnp.where(valid, stream(m, feats, True), 0), offline, atol=1e-5)
+
+    m.train()
+    labels, label_lengths = jnp.array([[1, 2, 3], [4, 5, 0]]), jnp.array([3, 2])
+    graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+
+    def compute(p):
+        model = nnx.merge(graphdef, p, rest, copy=True)
+        return jnp.mean(model.loss_terms(feats, LENGTHS, labels, label_lengths)["compute"])
+
+    kernel = np.asarray(
+        jax.jit(jax.grad(compute))(params)["encoder"]["arbitrator"]["logits"]["kernel"]
+    )
+    attn, ffn = kernel[:, 0::2], kernel[:, 1::2]  # [A, 2 L]: (attention, FFN) per layer
+    assert np.all(np.abs(attn).sum(0) > 0)
+    np.testing.assert_allclose(attn, ffn, rtol=1e-6)
+
+
 def test_static_pruning_removes_components_on_every_frame(feats):
     """`static_attention`/`static_ffn` against the blocks run by hand without the pruned
     components; half the components off = half the encoder's FLOPs; skipping stream = offline."""
@@ -459,6 +503,10 @@ def test_config_validation():
         _model(ffn_per_frame=True)
     with pytest.raises(ValueError, match="price_per_chunk prices the arbitrators"):
         _model(arbitrator="none", price_per_chunk=True)
+    with pytest.raises(ValueError, match="whole_block_gates ties"):
+        _model(arbitrator="none", whole_block_gates=True)
+    with pytest.raises(ValueError, match="set only one of them"):
+        _model(whole_block_gates=True, gate_per_chunk=True, ffn_per_frame=True)
 
 
 def test_hard_gate_phase_trains_with_the_inference_gates(feats):

@@ -34,6 +34,7 @@ CONFIGS = [
     ("commands_arbitrator.py", "arbitrator,64,scratch,deep,chunk_attn,budget=0.38"),
     ("commands_arbitrator.py", "arbitrator,64,scratch,deep,priced,budget=0.38"),
     ("commands_arbitrator.py", "arbitrator,64,scratch,deep,priced,budget=0.38,anneal"),
+    ("commands_arbitrator.py", "arbitrator,64,scratch,deep,priced,whole,budget=0.38"),
     ("librispeech_arbitrator.py", None),
     ("librispeech_arbitrator.py", "30,/data/LibriSpeech"),
     ("commands_squashed.py", None),
@@ -144,11 +145,16 @@ def test_budget_variant():
     annealed = load("commands_arbitrator.py", "arbitrator,64,scratch,deep,budget=0.38,anneal")[1]
     assert tuple(annealed.train.budget_anneal) == module.SCRATCH_BUDGET_ANNEAL
     assert tuple(annealed.train.compute_ramp) == module.SCRATCH_BUDGET_RAMP
+    assert not shared.whole_block_gates
+    whole = load("commands_arbitrator.py", "arbitrator,64,priced,whole,budget=0.38")[1]
+    assert state_lib.model_config(whole.model, vocab_size=30).whole_block_gates
     for bad in ("arbitrator,64,budget=1.5", "arbitrator,64,budget=x", "window,1,budget=0.4",
                 "static,0001,1101,budget=0.4", "arbitrator,64,budget=0.3,budget=0.4",
                 "arbitrator,64,chunk,chunk_attn", "window,1,priced", "window,1,priced=0.4",
                 "arbitrator,64,priced=1.5", "arbitrator,64,priced=x",
-                "arbitrator,64,scratch,anneal", "arbitrator,64,budget=0.38,anneal"):  # fmt: skip
+                "arbitrator,64,scratch,anneal", "arbitrator,64,budget=0.38,anneal",
+                "window,1,whole", "static,0001,1101,whole",
+                "arbitrator,64,chunk_attn,whole"):  # fmt: skip
         with pytest.raises(ValueError, match="unknown variant"):
             load("commands_arbitrator.py", bad)
 

@@ -24,7 +24,9 @@ chunks streaming feeds) from the mean logit of the chunk's valid frames, and eve
 chunk takes it: streaming then executes or skips a component for a whole chunk (per-frame gates
 mostly leave partial chunks, whose branch still runs). Gradients reach every frame's logit through
 the mean. With `ffn_per_frame` as well, only the attention gates decide per chunk and the
-feed-forward gates stay per frame. At inference (`model.eval()`) every estimator gives the
+feed-forward gates stay per frame. With `whole_block_gates` a layer's two components share one
+decision, made from the mean of their two logits: the block runs or is skipped as a whole. At
+inference (`model.eval()`) every estimator gives the
 hard gate 1[l > 0]. The temperature tau lives in the model (`GateTemperature`) and the train
 step anneals it (`temperature_schedule`); for the last `train.hard_gate_steps` it sets tau = 0,
 which trains with the inference gates themselves (`with_hard_phase`). A compute budget
@@ -196,6 +198,7 @@ class Arbitrator(nnx.Module):
         )
         self.chunk = cfg.chunk_size if cfg.gate_per_chunk else 1
         self.ffn_per_frame = cfg.ffn_per_frame
+        self.whole_block = cfg.whole_block_gates
         self.temperature = GateTemperature(jnp.ones((), jnp.float32))
         self.deterministic = False  # model.eval() sets True: hard gates, no noise
         self.rngs = rngs["gates"].fork()
@@ -215,14 +218,19 @@ class Arbitrator(nnx.Module):
 
     def gates(self, logits: jax.Array, valid: jax.Array) -> jax.Array:
         """Gate values (same shape as logits [2, B, T]: attention, FFN); valid [B, T] bool
-        (padding -> 0). Per chunk (`gate_per_chunk`), T is frames from a chunk boundary on."""
+        (padding -> 0). Per chunk (`gate_per_chunk`), T is frames from a chunk boundary on.
+        Whole-block gates: both rows are one decision, from the mean of the two logits."""
         t = valid.shape[-1]
+        if self.whole_block:
+            logits = jnp.mean(logits, axis=0, keepdims=True)
         if self.chunk == 1:
-            return jnp.where(valid, self._decide(logits), 0.0)
-        g = self._decide(chunk_mean(logits, valid, self.chunk))
-        g = jnp.repeat(g, self.chunk, axis=-1)[..., :t]
-        if self.ffn_per_frame:
-            g = g.at[1].set(self._decide(logits[1]))
+            g = self._decide(logits)
+        else:
+            g = self._decide(chunk_mean(logits, valid, self.chunk))
+            g = jnp.repeat(g, self.chunk, axis=-1)[..., :t]
+            if self.ffn_per_frame:
+                g = g.at[1].set(self._decide(logits[1]))
+        g = jnp.broadcast_to(g, (2, *g.shape[1:]))
         return jnp.where(valid, g, 0.0)
 
     def _decide(self, logits: jax.Array) -> jax.Array:

@@ -85,6 +85,12 @@ class TransducerConfig:
     # frame. Streaming skips attention for whole chunks (its time per FLOP is the dearer one)
     # while the feed-forward networks keep the per-frame choice.
     ffn_per_frame: bool = False
+    # One gate per layer and frame (or chunk) for the whole block: attention and feed-forward
+    # network switch on and off together, from the mean of the two components' logits. The
+    # compute loss prices the block at both components' cost, so a budget buys whole blocks
+    # (24 d^2 per frame) instead of cheap attention layers (8 d^2) before feed-forward networks
+    # (16 d^2): the structure of a shallower dense encoder, chosen per frame.
+    whole_block_gates: bool = False
     # The compute loss prices each component per chunk instead of per frame: in a chunk of
     # `chunk_size` frames, a component costs the whole chunk's FLOPs if it is on for any of the
     # chunk's frames (the chunk's largest gate value), nothing otherwise. That is what streaming
@@ -149,6 +155,16 @@ class TransducerConfig:
             raise ValueError(
                 "ffn_per_frame keeps the feed-forward gates per frame while attention decides "
                 "per chunk: set model.gate_per_chunk = True as well"
+            )
+        if self.whole_block_gates and self.arbitrator == "none":
+            raise ValueError(
+                "whole_block_gates ties the arbitrators' attention and FFN gates: "
+                "set model.arbitrator as well"
+            )
+        if self.whole_block_gates and self.ffn_per_frame:
+            raise ValueError(
+                "whole_block_gates makes one decision per block, ffn_per_frame a separate one "
+                "for the FFN: set only one of them"
             )
         if not 0 <= self.chunk_price_share <= 1:
             raise ValueError(f"chunk_price_share must lie in [0, 1], got {self.chunk_price_share}")
