@@ -26,11 +26,11 @@ mostly leave partial chunks, whose branch still runs). Gradients reach every fra
 the mean. With `ffn_per_frame` as well, only the attention gates decide per chunk and the
 feed-forward gates stay per frame. With `whole_block_gates` a layer's two components share one
 decision, made from the mean of their two logits: the block runs or is skipped as a whole. At
-inference (`model.eval()`) every estimator gives the
-hard gate 1[l > 0]. The temperature tau lives in the model (`GateTemperature`) and the train
-step anneals it (`temperature_schedule`); for the last `train.hard_gate_steps` it sets tau = 0,
-which trains with the inference gates themselves (`with_hard_phase`). A compute budget
-(`compute_target`) can be lowered gradually from 1 during training (`budget_anneal`).
+inference (`model.eval()`) every estimator gives the hard gate 1[l > 0]. The temperature tau
+lives in the model (`GateTemperature`) and the train step anneals it (`temperature_schedule`); for
+the last `train.hard_gate_steps` it sets tau = 0, which trains with the inference gates themselves
+(`with_hard_phase`). A compute budget (`compute_target`) can be lowered gradually from 1 during
+training (`budget_anneal`).
 Gates of padded frames are 0. `gate_init_bias` (the output bias, default 4: P(on) ~ 0.98) makes a
 fresh arbitrator keep nearly everything on, so warm-starting from a trained T-T starts from it.
 """
