@@ -145,6 +145,52 @@ def test_active_slots_are_the_stable_order_of_active_then_inactive_frames():
             np.testing.assert_array_equal(slots.of_frame, of_frame)
 
 
+def test_skipping_step_equals_masked_step_at_every_active_count(model):
+    """One block's skipping step against its masked step, on random on/off patterns of every
+    active count of a 2-stream chunk: each capacity's branch (0: nothing run, gathered, the full
+    one: masked), per component and with one switch for the whole block (`whole`, equal gates).
+    Outputs and caches (keys/values of the valid frames, validity) agree."""
+    block, c, b, size = model.encoder.blocks[0], model.cfg.chunk_size, 2, 8
+    heads, dim = model.cfg.num_heads, model.cfg.d_model
+    k0, k1, k2 = jax.random.split(jax.random.key(4), 3)
+    shape = (b, size, heads, dim // heads)
+    cache = (jax.random.normal(k0, shape), jax.random.normal(k1, shape), jnp.ones((b, size), bool))
+    state = (cache, jnp.zeros((b, 0, dim)))
+    x = jax.random.normal(k2, (b, c, dim))
+    positions = jnp.arange(size, size + c, dtype=jnp.int32)
+    mask = jnp.ones((b, 1, 1, size + c), bool)
+    capacities = model.encoder.stream_capacities(b)
+
+    def step(ga, gf, whole):
+        caps = dict(capacities=capacities, whole=whole)
+        return block.step(state, x, positions, mask, attn_gate=ga, ffn_gate=gf, **caps)
+
+    skipping = jax.jit(step, static_argnums=2)
+    masked = jax.jit(
+        lambda ga, gf: block.step(state, x, positions, mask, attn_gate=ga, ffn_gate=gf)
+    )
+    rng = np.random.default_rng(0)
+
+    def pattern(count):
+        on = np.zeros(b * c, np.float32)
+        on[rng.permutation(b * c)[:count]] = 1
+        return jnp.asarray(on.reshape(b, c))
+
+    def check(got, want):
+        (cache_got, _), y_got = got
+        (cache_want, _), y_want = want
+        np.testing.assert_allclose(y_got, y_want, atol=1e-5)
+        np.testing.assert_array_equal(cache_got[2], cache_want[2])
+        for a, w in zip(cache_got[:2], cache_want[:2], strict=True):
+            valid = np.asarray(cache_want[2])[..., None, None]
+            np.testing.assert_allclose(np.where(valid, a, 0), np.where(valid, w, 0), atol=1e-5)
+
+    for count in range(b * c + 1):
+        ga, gf = pattern(count), pattern(b * c - count)
+        check(skipping(ga, gf, False), masked(ga, gf))
+        check(skipping(ga, ga, True), masked(ga, ga))
+
+
 def test_stream_capacities_hold_any_count_with_bounded_waste(model):
     c = model.cfg.chunk_size
     for batch in (1, 2, 16):

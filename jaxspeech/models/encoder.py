@@ -174,13 +174,15 @@ class EncoderBlock(nnx.Module):
         attn_gate: jax.Array | None = None,
         ffn_gate: jax.Array | None = None,
         capacities: tuple[int, ...] | None = None,
+        whole: bool = False,
     ) -> tuple[LayerStreamState, jax.Array]:
         """Takes the newest input chunk x [B,C,D] (at kv_positions [C]) and returns the output
         chunk L chunks earlier (L = lookahead; the pending inputs wait in the state's buffer).
 
         mask: bool, broadcastable to [B,1,C,S+C] over the keys [cache; x]. Gates [B,C] refer to
         the output chunk and need L = 0. `capacities` (skipping execution, hard gates given):
-        each component runs at the smallest of these capacities that holds its active frames.
+        each component runs at the smallest of these capacities that holds its active frames;
+        `whole` (skipping, equal gates): the block runs or is skipped as one branch.
         """
         cache, pending = state
         c = x.shape[1]
@@ -188,7 +190,7 @@ class EncoderBlock(nnx.Module):
             raise ValueError("gated streaming needs lookahead_chunks = 0")
         if capacities is not None:
             return self._step_skipping(
-                state, x, kv_positions, mask, attn_gate, ffn_gate, capacities
+                state, x, kv_positions, mask, attn_gate, ffn_gate, capacities, whole
             )
         kv_in = self.attn_norm(x)
         if pending.shape[1]:  # lookahead: the query chunk is the oldest pending one
@@ -203,21 +205,28 @@ class EncoderBlock(nnx.Module):
         x = _gated(x, y, attn_gate)
         return (cache, pending), _gated(x, self.ffn(self.ffn_norm(x)), ffn_gate)
 
-    def _step_skipping(self, state, x, kv_positions, mask, attn_gate, ffn_gate, capacities):
+    def _step_skipping(self, state, x, kv_positions, mask, attn_gate, ffn_gate, capacities, whole):
         """Skipping execution of one chunk of B streams: each component's active frames, pooled
         over the batch ([B, C] -> B*C frames), are gathered into the smallest of `capacities`
-        that holds them all (`lax.switch`: one branch per capacity; 0 runs nothing)."""
+        that holds them all (`lax.switch`: one branch per capacity; 0 runs nothing; the full
+        B*C runs the masked computation instead, as many frames without the gathering).
+        `whole` (the two gates are equal): one switch for the whole block."""
         cache, pending = state
         b, c, _ = x.shape
-        flat = lambda a: a.reshape((1, b * c) + a.shape[2:])  # noqa: E731
+        full = b * c
+        flat = lambda a: a.reshape((1, full) + a.shape[2:])  # noqa: E731
         rows = lambda a: a.reshape((b, c) + a.shape[2:])  # noqa: E731
         attn_on, ffn_on = flat(hard(attn_gate)), flat(hard(ffn_gate))
         positions = jnp.tile(kv_positions, b)
-        sizes = jnp.asarray(capacities, jnp.int32)
 
         def attention(capacity, cache, x):
             if capacity == 0:
                 return self.attn.push_invalid(cache, c), jnp.zeros_like(x)
+            if capacity == full:  # masked: as many frames as gathering, and no gathering
+                on = rows(attn_on)
+                q, k, v = self.attn.qkv(self.attn_norm(x), kv_positions)
+                cache, y = self.attn.attend_cached(cache, q, k, v, mask, on)
+                return cache, (on[..., None] * y).astype(x.dtype)
             slots = active_slots(attn_on, capacity)
             xs = flat(x)
             q, k, v = self.attn.qkv(self.attn_norm(_take(xs, slots.idx)), positions[slots.idx])
@@ -231,19 +240,31 @@ class EncoderBlock(nnx.Module):
         def ffn(capacity, x):
             if capacity == 0:
                 return jnp.zeros_like(x)
+            if capacity == full:
+                return (rows(ffn_on)[..., None] * self.ffn(self.ffn_norm(x))).astype(x.dtype)
             slots = active_slots(ffn_on, capacity)
             xs = flat(x)
             return rows(_put(self.ffn(self.ffn_norm(_take(xs, slots.idx))), slots)).astype(x.dtype)
 
-        def branch(on):  # the smallest capacity that holds the batch's active frames
-            return jnp.searchsorted(sizes, jnp.sum(on))
+        def block(capacity, cache, x):
+            cache, y = attention(capacity, cache, x)
+            x = x + y
+            return cache, x + ffn(capacity, x)
 
-        cache, y = jax.lax.switch(
-            branch(attn_on), [functools.partial(attention, k) for k in capacities], cache, x
-        )
+        if whole:
+            cache, x = _by_capacity(jnp.sum(attn_on), capacities, block, cache, x)
+            return (cache, pending), x
+        cache, y = _by_capacity(jnp.sum(attn_on), capacities, attention, cache, x)
         x = x + y
-        y = jax.lax.switch(branch(ffn_on), [functools.partial(ffn, k) for k in capacities], x)
-        return (cache, pending), x + y
+        return (cache, pending), x + _by_capacity(jnp.sum(ffn_on), capacities, ffn, x)
+
+
+def _by_capacity(count, capacities, run, *operands):
+    """run(k, *operands) for the smallest k of `capacities` (sorted) that holds `count` active
+    frames: one `lax.switch` branch per capacity. The index counts the capacities below `count`
+    (`jnp.searchsorted` would loop: slow on CPU, where it cost more than a skipped layer)."""
+    index = jnp.sum(jnp.asarray(capacities, jnp.int32) < count, dtype=jnp.int32)
+    return jax.lax.switch(index, [functools.partial(run, k) for k in capacities], *operands)
 
 
 class Encoder(nnx.Module):
@@ -405,6 +426,7 @@ class Encoder(nnx.Module):
         acoustic = None
         if attn_gates is None and ffn_gates is None and self.arbitrator is not None:
             acoustic = self.arbitrator.acoustic_logits(x)
+        whole = acoustic is not None and self.arbitrator.whole_block  # equal gates per layer
         new_state = []
         for i, (layer_state, block) in enumerate(zip(state, self.blocks, strict=True)):
             start = offset - i * ahead  # position of this layer's newest input chunk
@@ -425,6 +447,7 @@ class Encoder(nnx.Module):
                 attn_gate=ga,
                 ffn_gate=gf,
                 capacities=self.stream_capacities(b) if skipping else None,
+                whole=whole,
             )
             new_state.append(layer_state)
         return tuple(new_state), self.norm(x)
