@@ -112,3 +112,24 @@ def test_stateless_predictor(audio):
     feats, frame_lengths = log_mel(audio, jnp.array([N, N]), FEATS)
     b4 = transducer_beam(m, feats, frame_lengths, beam_size=4)
     assert np.all(np.asarray(b4[2]) >= want_scores - 1e-4)
+
+
+@pytest.mark.parametrize("whole", [False, True])
+def test_gated_encoder_streams_with_skipping(audio, whole):
+    """With arbitrators, the recognizer skips gated-off components (per component, or whole
+    blocks) and still equals offline greedy decoding, as does its masked execution."""
+    cfg = dataclasses.replace(
+        CFG, arbitrator="acoustic", arbitrator_dim=8, gate_init_bias=0.0, whole_block_gates=whole
+    )
+    m = TransformerTransducer(cfg, rngs=nnx.Rngs(2))
+    m.eval()
+    m.joint.out.bias[...] = jnp.zeros((CFG.vocab_size,)).at[0].set(1.0)
+    feats, frame_lengths = log_mel(audio, jnp.full((2,), N), FEATS)
+    _, _, trace = m.encode_with_trace(feats, frame_lengths)
+    on = float(jnp.mean(trace.attn[:, :, : int(jnp.min(frame_lengths)) // 4] > 0.5))
+    assert 0.1 < on < 0.9  # a real mixture of on and off components
+    want, want_scores = offline(m, audio, N)
+    for skip in (True, False):
+        got, scores = StreamingRecognizer(m, FEATS, skip=skip).transcribe(audio, 800)
+        assert got == want, skip
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-4)

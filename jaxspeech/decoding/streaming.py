@@ -12,7 +12,8 @@ streams (they share chunk boundaries, as in a server batching live streams):
 - `pred_state`, `pred_out`: the predictor after the labels emitted so far (`pred_out` projected);
 - `score [B]`: the greedy path's log-probability so far.
 
-`step` frames the new audio, appends the features to `pending`, runs `model.encode_step` on every
+`step` frames the new audio, appends the features to `pending`, runs `model.encode_step` (with
+skipping execution of gated-off components, unless `skip=False`) on every
 complete encoder chunk (at most `ceil(S / hop / C)`, skipped with `lax.cond` when not complete) and
 greedy search (`greedy_search_with_state`) on the new encoder frames. `finalize` encodes the
 remaining partial chunk, masked exactly as `model.encode` masks padding (`feat_chunk_lengths`).
@@ -53,6 +54,9 @@ class StreamingRecognizer:
         parameters is taken now; rebuild the recognizer after updating the model).
       feature_cfg: the log-mel front end the model was trained with.
       max_symbols_per_frame, blank_id: greedy search options.
+      skip: for a gated encoder (arbitrators or static pruning), gated-off components are not
+        executed (`jaxspeech.models.encoder`, skipping execution: the same outputs, less work);
+        False runs the masked computation. No effect on an ungated encoder.
 
     Usage::
 
@@ -73,6 +77,7 @@ class StreamingRecognizer:
         *,
         max_symbols_per_frame: int = 3,
         blank_id: int = 0,
+        skip: bool = True,
     ):
         if model.cfg.lookahead_chunks:
             raise ValueError("streaming needs a chunk-causal encoder (lookahead_chunks=0)")
@@ -80,6 +85,7 @@ class StreamingRecognizer:
         if feature_cfg.n_mels != model.cfg.num_mels:
             raise ValueError(f"feature n_mels {feature_cfg.n_mels} != model {model.cfg.num_mels}")
         self.feat_chunk = model.feat_chunk_size
+        self.skip = skip
         self.graphdef, self.params = nnx.split(model)
         opts = dict(max_symbols_per_frame=max_symbols_per_frame, blank_id=blank_id)
         self._init = jax.jit(
@@ -187,7 +193,7 @@ class StreamingRecognizer:
             chunk = lax.dynamic_slice_in_dim(buf, j * c, c, axis=1)
 
             def run(s):
-                return model.encode_step(s, chunk)
+                return model.encode_step(s, chunk, skip=self.skip)
 
             def skip(s):
                 out = jax.eval_shape(run, s)[1]
@@ -209,7 +215,7 @@ class StreamingRecognizer:
         model = self._model(params)
         batch = state.pending.shape[0]
         lengths = jnp.full((batch,), state.num_pending, jnp.int32)
-        enc_state, enc = model.encode_step(state.encoder, state.pending, lengths)
+        enc_state, enc = model.encode_step(state.encoder, state.pending, lengths, skip=self.skip)
         state = state._replace(
             pending=jnp.zeros_like(state.pending),
             num_pending=jnp.zeros((), jnp.int32),

@@ -18,10 +18,11 @@ exactly that). An active frame always sees itself. Three executions, equal whene
   skipping  (`step(..., skip=True)`, streaming inference, lookahead 0): per chunk, each component's
             active frames, pooled over the batch of streams, are gathered into the smallest
             capacity of `stream_capacities(B)` (0, powers of two, multiples of B * C / 8) that
-            holds them, one `lax.switch` branch per capacity (0: not executed at all); attention
+            holds them, one `lax.switch` branch per capacity (0: not executed at all; the full
+            B * C: the masked computation, the same frames without gathering); attention
             scores are computed for every query of the chunk (cheap: the projections dominate),
             so a server streaming B utterances at once spends per-frame savings, not only
-            whole-chunk ones.
+            whole-chunk ones. With whole-block gates one switch runs or skips the block.
 
 Streaming (`Encoder.step`): each layer keeps a rolling cache of the keys/values of its S most recent
 input frames, S = (left_chunks + lookahead_chunks) * chunk_size, or, for left_chunks = -1
