@@ -45,12 +45,13 @@ from jaxspeech.models import flops
 EVAL_BATCH = 32
 
 
-def test_features(config, n: int, data_dir: str = "") -> list[np.ndarray]:
-    """Log-mel features [T, F] of the first n utterances of the config's test split."""
+def test_features(config, n: int, data_dir: str = "", split: str = "test") -> list[np.ndarray]:
+    """Log-mel features [T, F] of the first n utterances of the config's test split (or of
+    `split`: `config.data[split]`, e.g. "validation")."""
     from jaxspeech import features
     from jaxspeech.data import sources
 
-    source = sources.open_source(config.data.test, data_dir=data_dir or None)
+    source = sources.open_source(config.data[split], data_dir=data_dir or None)
     log_mel = jax.jit(features.log_mel)
     out = []
     for i in range(min(n, len(source))):
@@ -60,7 +61,8 @@ def test_features(config, n: int, data_dir: str = "") -> list[np.ndarray]:
     return out
 
 
-def _padded(batch: list[np.ndarray], multiple: int):
+def padded(batch: list[np.ndarray], multiple: int):
+    """(feats [B, T, F], lengths [B]): the batch zero-padded to T, a multiple of `multiple`."""
     t = -(-max(f.shape[0] for f in batch) // multiple) * multiple
     x = np.zeros((len(batch), t, batch[0].shape[1]), np.float32)
     for i, f in enumerate(batch):
@@ -93,7 +95,7 @@ def gate_traces(model, feats: list[np.ndarray]):
         return out, trace.attn, trace.ffn, enc_lengths
 
     for i in range(0, len(feats), EVAL_BATCH):
-        x, lengths = _padded(feats[i : i + EVAL_BATCH], 400)  # one compile per 4 s of padding
+        x, lengths = padded(feats[i : i + EVAL_BATCH], 400)  # one compile per 4 s of padding
         yield jax.tree.map(np.asarray, trace_of(state, x, lengths))
 
 

@@ -358,6 +358,38 @@ def test_bench_arbitrator_streams_utterances_in_lock_step(trained, arbitrated):
     assert row["compute_gated"] <= row["compute_chunks"] < 1.2
 
 
+def test_export_static_writes_a_plain_workdir(trained, arbitrated, tmp_path):
+    """`scripts/export_static.py` on the arbitrated run: the exported workdir loads as a plain
+    model (no arbitrator) over the kept layers, and its encoder output equals the gated model's
+    run with the static gates it reports; the bench takes it as an ungated model."""
+    from jaxspeech.train import evaluate, static_export
+
+    _, tfds_dir = trained
+    out = tmp_path / "static"
+    args = ["--workdir", str(arbitrated), "--out", str(out), "--utterances", "4"]
+    report = script("export_static").main(
+        args + ["--threshold", "0.3", "--tfds_data_dir", str(tfds_dir)]
+    )
+    gated, plain = evaluate.load_trained(str(arbitrated)), evaluate.load_trained(str(out))
+    assert plain.step == gated.step and plain.model.encoder.arbitrator is None
+    assert plain.model.cfg.num_layers == len(report["layers"]) > 0
+    assert (out / "static_export.json").exists() and 0 < report["agreement"] <= 1
+    choice = static_export.StaticChoice(
+        tuple(report["attn"]), tuple(report["ffn"]), (), (), report["agreement"]
+    )
+    feats = script("bench_arbitrator").test_features(gated.config, 2, str(tfds_dir))
+    x, lengths = script("bench_arbitrator").padded(feats, 16)
+    for m in (gated.model, plain.model):
+        m.eval()
+    got, enc_lengths, _ = plain.model.encode_with_trace(x, lengths)
+    gates = static_export.static_gates(choice, enc_lengths, got.shape[1])
+    want, _, _ = gated.model.encode_with_trace(x, lengths, attn_gates=gates[0], ffn_gates=gates[1])
+    valid = (np.arange(got.shape[1])[None] < np.asarray(enc_lengths)[:, None])[..., None]
+    np.testing.assert_allclose(np.where(valid, got, 0), np.where(valid, want, 0), atol=1e-5)
+    with pytest.raises(FileExistsError, match="new --out"):
+        script("export_static").main(args + ["--tfds_data_dir", str(tfds_dir)])
+
+
 def test_bench_arbitrator_component_costs():
     """Attention and feed-forward timed apart (static pruning of a random model); the FLOP
     ratio against a count by hand of the chunked context."""
