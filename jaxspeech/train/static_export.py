@@ -90,7 +90,7 @@ def gate_rates(model: TransformerTransducer, batches) -> tuple[np.ndarray, np.nd
 
 def static_choice(model: TransformerTransducer, batches, threshold: float = 0.5) -> StaticChoice:
     """The components the model's gates run on at least `threshold` of the valid frames of
-    `batches` (a list: it is read once), with the agreement of that choice."""
+    `batches` (read once), with the agreement of that choice."""
     if not model.encoder.gated:
         raise ValueError(
             "the model has no gates (no arbitrator, no static pruning): nothing to fix"
@@ -181,8 +181,8 @@ def export_static(workdir: str, out: str, batches, threshold: float = 0.5, train
     choice = static_choice(trained.model, batches, threshold)
     model = pruned_model(trained.model, choice, seed=int(trained.config.train.seed))
     config = trained.config.copy_and_resolve_references()
-    for name in GATING_FIELDS + ("num_layers",):
-        if name in config.model:
+    with config.unlocked():  # every field set, also one an older config.json lacks
+        for name in GATING_FIELDS + ("num_layers",):
             config.model[name] = getattr(model.cfg, name)
     os.makedirs(out, exist_ok=True)
     shutil.copytree(
