@@ -128,7 +128,7 @@ def test_skipping_streaming_equals_masked_streaming_and_offline(model, feats, ma
 
 
 def test_active_slots_are_the_stable_order_of_active_then_inactive_frames():
-    from jaxspeech.models.encoder import active_slots
+    from jaxspeech.models.gathering import active_slots
 
     rng = np.random.default_rng(0)
     for t, p in ((8, 0.3), (8, 1.0), (33, 0.0), (33, 0.6)):

@@ -39,7 +39,6 @@ like one with left context `max_stream_frames`).
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -55,6 +54,7 @@ from jaxspeech.models.attention import (
     length_mask,
 )
 from jaxspeech.models.config import TransducerConfig, dense, layer_norm
+from jaxspeech.models.gathering import active_slots, by_capacity, put, take
 
 LayerStreamState = tuple[KVCache, jax.Array]  # (keys/values/valid cache, pending [B, L*C, D])
 
@@ -67,44 +67,6 @@ class GateTrace(NamedTuple):
     attn: jax.Array
     ffn: jax.Array
     dropped: jax.Array
-
-
-class Slots(NamedTuple):
-    """Where gathered execution puts each row's active frames (`active_slots`)."""
-
-    idx: jax.Array  # [B, K] int32: the frame in each slot (active ones in time order first)
-    filled: jax.Array  # [B, K] bool: the slot holds an active frame
-    dropped: jax.Array  # [B] int32: active frames beyond the capacity
-    of_frame: jax.Array  # [B, T] int32: each active frame's slot; K for the others
-
-
-def active_slots(on: jax.Array, capacity: int) -> Slots:
-    """Slots of capacity K for the active frames of each row of on [B, T] (bool): `idx` is the
-    stable argsort of ~on cut to K (active frames in time order, then inactive ones), computed by
-    counting (a sort is slow on CPU): an active frame goes to slot (active frames before it), an
-    inactive one to count + (inactive frames before it)."""
-    count = jnp.sum(on, axis=1, dtype=jnp.int32)
-    before_on = jnp.cumsum(on, axis=1, dtype=jnp.int32) - on
-    before_off = jnp.arange(on.shape[1], dtype=jnp.int32)[None, :] - before_on
-    slot = jnp.where(on, before_on, count[:, None] + before_off)
-    rows = jnp.arange(on.shape[0])[:, None]
-    frames = jnp.broadcast_to(jnp.arange(on.shape[1], dtype=jnp.int32), on.shape)
-    idx = jnp.zeros((on.shape[0], capacity), jnp.int32).at[rows, slot].set(frames, mode="drop")
-    filled = jnp.arange(capacity)[None, :] < count[:, None]
-    of_frame = jnp.where(on & (slot < capacity), slot, capacity)
-    return Slots(idx, filled, jnp.maximum(count - capacity, 0), of_frame)
-
-
-def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
-    """x [B, T, ...] at idx [B, K] -> [B, K, ...]."""
-    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
-
-
-def _put(y: jax.Array, slots: Slots) -> jax.Array:
-    """y [B, K, ...] back at the frames [B, T, ...]: each active frame's slot, zeros elsewhere (a
-    gather from y and a zero row, not a scatter: faster on CPU)."""
-    pad = jnp.zeros((y.shape[0], 1) + y.shape[2:], y.dtype)
-    return _take(jnp.concatenate([y, pad], axis=1), slots.of_frame)
 
 
 class FeedForward(nnx.Module):
@@ -157,12 +119,12 @@ class EncoderBlock(nnx.Module):
         docstring). x [B,T,D]; context(q_pos, k_pos) -> bool (the chunked mask); on [B,T] bool
         (False on padding). Returns (x, dropped [B])."""
         slots = active_slots(attn_on, capacity)
-        q, k, v = self.attn.qkv(self.attn_norm(_take(x, slots.idx)), slots.idx)
+        q, k, v = self.attn.qkv(self.attn_norm(take(x, slots.idx)), slots.idx)
         mask = context(slots.idx, slots.idx) & slots.filled[:, None, :]
         y = self.attn.dropout(self.attn.out(attend(q, k, v, mask[:, None])))
-        x = x + _put(y, slots).astype(x.dtype)
+        x = x + put(y, slots).astype(x.dtype)
         ffn_slots = active_slots(ffn_on, capacity)
-        x = x + _put(self.ffn(self.ffn_norm(_take(x, ffn_slots.idx))), ffn_slots).astype(x.dtype)
+        x = x + put(self.ffn(self.ffn_norm(take(x, ffn_slots.idx))), ffn_slots).astype(x.dtype)
         return x, slots.dropped + ffn_slots.dropped
 
     def step(
@@ -230,13 +192,13 @@ class EncoderBlock(nnx.Module):
                 return cache, (on[..., None] * y).astype(x.dtype)
             slots = active_slots(attn_on, capacity)
             xs = flat(x)
-            q, k, v = self.attn.qkv(self.attn_norm(_take(xs, slots.idx)), positions[slots.idx])
-            q, k, v = (rows(_put(a, slots)) for a in (q, k, v))
+            q, k, v = self.attn.qkv(self.attn_norm(take(xs, slots.idx)), positions[slots.idx])
+            q, k, v = (rows(put(a, slots)) for a in (q, k, v))
             # scores for every query of the chunk (a few % of the block's FLOPs), the
             # projections only for the active frames (the capacity holds them all)
             cache, ctx = self.attn.attend_cached(cache, q, k, v, mask, rows(attn_on), project=False)
-            y = self.attn.dropout(self.attn.out(_take(flat(ctx), slots.idx)))
-            return cache, rows(_put(y, slots)).astype(x.dtype)
+            y = self.attn.dropout(self.attn.out(take(flat(ctx), slots.idx)))
+            return cache, rows(put(y, slots)).astype(x.dtype)
 
         def ffn(capacity, x):
             if capacity == 0:
@@ -245,7 +207,7 @@ class EncoderBlock(nnx.Module):
                 return (rows(ffn_on)[..., None] * self.ffn(self.ffn_norm(x))).astype(x.dtype)
             slots = active_slots(ffn_on, capacity)
             xs = flat(x)
-            return rows(_put(self.ffn(self.ffn_norm(_take(xs, slots.idx))), slots)).astype(x.dtype)
+            return rows(put(self.ffn(self.ffn_norm(take(xs, slots.idx))), slots)).astype(x.dtype)
 
         def block(capacity, cache, x):
             cache, y = attention(capacity, cache, x)
@@ -253,19 +215,11 @@ class EncoderBlock(nnx.Module):
             return cache, x + ffn(capacity, x)
 
         if whole:
-            cache, x = _by_capacity(jnp.sum(attn_on), capacities, block, cache, x)
+            cache, x = by_capacity(jnp.sum(attn_on), capacities, block, cache, x)
             return (cache, pending), x
-        cache, y = _by_capacity(jnp.sum(attn_on), capacities, attention, cache, x)
+        cache, y = by_capacity(jnp.sum(attn_on), capacities, attention, cache, x)
         x = x + y
-        return (cache, pending), x + _by_capacity(jnp.sum(ffn_on), capacities, ffn, x)
-
-
-def _by_capacity(count, capacities, run, *operands):
-    """run(k, *operands) for the smallest k of `capacities` (sorted) that holds `count` active
-    frames: one `lax.switch` branch per capacity. The index counts the capacities below `count`
-    (`jnp.searchsorted` would loop: slow on CPU, where it cost more than a skipped layer)."""
-    index = jnp.sum(jnp.asarray(capacities, jnp.int32) < count, dtype=jnp.int32)
-    return jax.lax.switch(index, [functools.partial(run, k) for k in capacities], *operands)
+        return (cache, pending), x + by_capacity(jnp.sum(ffn_on), capacities, ffn, x)
 
 
 class Encoder(nnx.Module):
