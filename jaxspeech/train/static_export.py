@@ -114,21 +114,13 @@ def pruned_config(cfg: TransducerConfig, choice: StaticChoice) -> TransducerConf
     """The ungated config over the kept layers (static pruning where a layer keeps one)."""
     if not choice.layers:
         raise ValueError("the static choice keeps no component: lower the threshold")
-    defaults = {
-        f.name: f.default
-        for f in dataclasses.fields(TransducerConfig)
-        if f.name in GATING_FIELDS and not f.name.startswith("static_")
-    }
+    fields = {f.name: f.default for f in dataclasses.fields(TransducerConfig)}
+    fields = {name: fields[name] for name in GATING_FIELDS}  # the defaults: no gates
     attn = "".join("1" if choice.attn[i] else "0" for i in choice.layers)
     ffn = "".join("1" if choice.ffn[i] else "0" for i in choice.layers)
-    partial = "0" in attn + ffn
-    return dataclasses.replace(
-        cfg,
-        **defaults,
-        num_layers=len(choice.layers),
-        static_attention=attn if partial else "",
-        static_ffn=ffn if partial else "",
-    )
+    if "0" in attn + ffn:
+        fields.update(static_attention=attn, static_ffn=ffn)
+    return dataclasses.replace(cfg, **fields, num_layers=len(choice.layers))
 
 
 def pruned_model(
@@ -159,10 +151,9 @@ def static_gates(choice: StaticChoice, lengths: jax.Array, num_frames: int):
     """The gated model's gates [num_layers, B, T] (attention, FFN) of the static choice: the
     gates with which its output equals the pruned model's."""
     valid = length_mask(lengths, num_frames).astype(jnp.float32)
-    gates = [
+    return tuple(
         jnp.asarray(on, jnp.float32)[:, None, None] * valid for on in (choice.attn, choice.ffn)
-    ]
-    return gates[0], gates[1]
+    )
 
 
 def export_static(workdir: str, out: str, batches, threshold: float = 0.5, trained=None) -> dict:
@@ -173,7 +164,7 @@ def export_static(workdir: str, out: str, batches, threshold: float = 0.5, train
     from jaxspeech.train import state as state_lib
     from jaxspeech.train.metrics import write_json
 
-    trained = trained or evaluate.load_trained(workdir)
+    trained = evaluate.load_trained(workdir) if trained is None else trained
     if trained.quant_rules is not None:
         raise ValueError(f"{workdir} is a QAT workdir: static export takes a float run")
     if os.path.exists(os.path.join(out, "checkpoints")):
