@@ -224,6 +224,16 @@ def test_per_chunk_gates_decide_once_per_chunk_and_stream_exactly(feats, ffn_per
         want[1] = np.where(valid, np.asarray(logits)[1] > 0, 0)
         assert np.any(want[1] != pooled[1])  # the two rules differ on these logits
     np.testing.assert_array_equal(got, want)
+    # Training (sampled gates): the attention gate is still one sample per chunk.
+    m.train()
+    sampled = np.asarray(m.encoder.arbitrator.gates(logits, jnp.asarray(valid)))
+    m.eval()
+    assert sampled.shape == got.shape
+    for b, n in enumerate(lengths):
+        for k in range(0, n, c):
+            chunk = sampled[:, b, k : min(k + c, n)]
+            assert np.all(chunk[0] == chunk[0, 0])
+            assert ffn_per_frame or np.all(chunk == chunk[:, :1])
     # Offline: whole chunks on or off (the FFN's per frame with ffn_per_frame), a real mixture;
     # streaming with skipping equals it.
     offline, enc_lengths, trace = encode(m, feats)

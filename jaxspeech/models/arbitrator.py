@@ -226,10 +226,11 @@ class Arbitrator(nnx.Module):
         if self.chunk == 1:
             g = self._decide(logits)
         else:
-            g = self._decide(chunk_mean(logits, valid, self.chunk))
+            per_chunk = logits[:1] if self.ffn_per_frame else logits  # ffn_per_frame: attention
+            g = self._decide(chunk_mean(per_chunk, valid, self.chunk))
             g = jnp.repeat(g, self.chunk, axis=-1)[..., :t]
             if self.ffn_per_frame:
-                g = g.at[1].set(self._decide(logits[1]))
+                g = jnp.concatenate([g, self._decide(logits[1:])], axis=0)
         g = jnp.broadcast_to(g, (2, *g.shape[1:]))
         return jnp.where(valid, g, 0.0)
 
