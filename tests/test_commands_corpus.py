@@ -216,3 +216,18 @@ def test_espeak_errors_say_what_is_missing(tmp_path):
         tts.Espeak(lib_path=lib_path, data_dir=str(tmp_path))
     with pytest.raises(tts.EspeakError, match="no voice variant"):
         tts.engine().synthesize("hello", "en-us+nonexistent")
+
+
+def test_speaking_in_a_jax_process_forks_without_warning():
+    """The per-batch espeak fork is safe beside JAX's threads (the child never calls JAX), so
+    JAX's fork warning is not shown to every process that trains and then synthesizes."""
+    import warnings
+
+    import jax.numpy as jnp
+
+    jnp.ones(2).block_until_ready()  # JAX's backend threads running: it now warns on fork
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        audio = tts.engine().synthesize("turn on the lights", tts.voices("train")[0])
+    assert audio.size > 0
+    assert not [w for w in caught if "fork" in str(w.message)]

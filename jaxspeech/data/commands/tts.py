@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -251,7 +252,12 @@ class Espeak:
         for request in requests:
             self._check_voice(request.voice)
         read_fd, write_fd = os.pipe()
-        pid = os.fork()
+        with warnings.catch_warnings():
+            # JAX warns on any fork once its backend runs threads (a process that trained or
+            # tested). The child here never calls JAX, imports, or takes a lock another thread
+            # could hold: it runs espeak, writes a pipe and `os._exit`s.
+            warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
+            pid = os.fork()
         if pid == 0:  # child: speak, send status byte + length-prefixed payloads, exit
             status, parts = 0, []
             try:
