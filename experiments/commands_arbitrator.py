@@ -53,6 +53,20 @@ drop components one by one while the encoder adapts. E.g. 38% of the deep encode
   python scripts/train.py --config experiments/commands_arbitrator.py:arbitrator,4 \
       --workdir runs/arbitrator/arbitrator_4
 
+The best operating point measured (16 blocks, four seeds; experiments/RESULTS.md, sections
+"Whole-block gates" to "A longer hard-gate phase"): whole-block gates at budget 0.38, the last
+800 steps hard, distilled from the ungated 16-block run of the same seed; its gates end static,
+so export it as the plain 6-block model (62.5% saved, +4% WER against the ungated model, level
+with a dense 6-block model, streaming 0.24-0.27x):
+
+  python scripts/train.py --config experiments/commands_arbitrator.py:none,scratch,deep \
+      --workdir runs/commands_tt_deep16 --config.model.num_layers=16   # baseline and teacher
+  C=experiments/commands_arbitrator.py:arbitrator,64,scratch,deep,priced,whole,budget=0.38
+  python scripts/train.py --config $C --workdir runs/arb_whole --config.model.num_layers=16 \
+      --config.train.hard_gate_steps=800 \
+      --config.train.teacher=runs/commands_tt_deep16 --config.train.teacher_weight=0.1
+  python scripts/export_static.py --workdir runs/arb_whole   # writes runs/arb_whole_static
+
 The sweep (compute weights and window sizes; the table, the WER-vs-compute and wall-time plots):
 
   python scripts/sweep_arbitrator.py --base runs/commands_tt --out runs/arbitrator
