@@ -186,9 +186,8 @@ class EncoderBlock(nnx.Module):
             if capacity == 0:
                 return self.attn.push_invalid(cache, c), jnp.zeros_like(x)
             if capacity == full:  # masked: as many frames as gathering, and no gathering
-                on = rows(attn_on)
-                q, k, v = self.attn.qkv(self.attn_norm(x), kv_positions)
-                cache, y = self.attn.attend_cached(cache, q, k, v, mask, on)
+                on, h = rows(attn_on), self.attn_norm(x)
+                cache, y = self.attn.step(cache, h, h, kv_positions, kv_positions, mask, on)
                 return cache, (on[..., None] * y).astype(x.dtype)
             slots = active_slots(attn_on, capacity)
             xs = flat(x)
