@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspeech.models import flops
+from jaxspeech.train import gate_stats
 
 EVAL_BATCH = 32
 
@@ -70,47 +70,19 @@ def padded(batch: list[np.ndarray], multiple: int):
     return jnp.asarray(x), jnp.array([f.shape[0] for f in batch], jnp.int32)
 
 
-def gate_traces(model, feats: list[np.ndarray]):
-    """Yields, per batch of `EVAL_BATCH` utterances, the encoder under the model's hard gates:
-    (per-utterance FLOPs [B] by `flops.encoder_flops` key, plus `gated_chunks`: the gated FLOPs
-    with every component priced per chunk (`flops.chunk_priced`: a chunk counts whole if any of
-    its frames has the component on, what batch-1 streaming spends); attention gates [L, B, T],
-    feed-forward gates [L, B, T], encoder lengths [B]), as numpy arrays."""
-    from flax import nnx
-
-    from jaxspeech.models.attention import length_mask
-
-    model.eval()
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def trace_of(state, x, lengths):
-        m = nnx.merge(graphdef, state)
-        _, enc_lengths, trace = m.encode_with_trace(x, lengths)
-        cfg, t = m.cfg, trace.attn.shape[-1]
-        out = flops.encoder_flops(cfg, enc_lengths, t, trace.attn, trace.ffn)
-        valid = length_mask(enc_lengths, t)
-        whole = [flops.chunk_priced(g, valid, cfg.chunk_size) for g in (trace.attn, trace.ffn)]
-        out["gated_chunks"] = flops.encoder_flops(cfg, enc_lengths, t, *whole)["gated"]
-        return out, trace.attn, trace.ffn, enc_lengths
-
+def batches(feats: list[np.ndarray]):
+    """`padded` batches of `EVAL_BATCH` utterances of `feats`, in order (one compile per 4 s of
+    padding)."""
     for i in range(0, len(feats), EVAL_BATCH):
-        x, lengths = padded(feats[i : i + EVAL_BATCH], 400)  # one compile per 4 s of padding
-        yield jax.tree.map(np.asarray, trace_of(state, x, lengths))
+        yield padded(feats[i : i + EVAL_BATCH], 400)
 
 
-def executed_flops(model, feats: list[np.ndarray]) -> dict[str, float]:
-    """Summed per-utterance FLOPs (`flops.encoder_flops` keys) under the model's hard gates, and
-    the fraction of frames each layer's attention and feed-forward run on (`attn_on`, `ffn_on`)."""
-    totals: dict = {"attn_on": 0.0, "ffn_on": 0.0, "frames": 0.0}
-    for counts, attn, ffn, enc_lengths in gate_traces(model, feats):
-        for k, v in counts.items():
-            totals[k] = totals.get(k, 0.0) + float(np.sum(v, dtype=np.float64))
-        totals["attn_on"] += np.sum(attn, axis=(1, 2), dtype=np.float64)  # per layer
-        totals["ffn_on"] += np.sum(ffn, axis=(1, 2), dtype=np.float64)
-        totals["frames"] += float(np.sum(enc_lengths))
-    for k in ("attn_on", "ffn_on"):  # fraction of frames on, per layer
-        totals[k] = [round(float(v), 4) for v in totals[k] / totals["frames"]]
+def executed_flops(model, feats: list[np.ndarray]) -> dict:
+    """Summed per-utterance FLOPs under the model's hard gates (`gate_stats.executed`), with the
+    per-layer fractions of frames each component runs on (`attn_on`, `ffn_on`) as lists."""
+    totals = gate_stats.executed(model, batches(feats))
+    for k in ("attn_on", "ffn_on"):
+        totals[k] = [round(float(v), 4) for v in totals[k]]
     return totals
 
 

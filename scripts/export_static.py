@@ -44,10 +44,7 @@ def main(argv=None) -> dict:
         parser.error(f"--split {args.split!r}: the run's config.data has no such field")
     bench = pyfile.sibling(__file__, "bench_arbitrator")
     feats = bench.test_features(trained.config, args.utterances, args.tfds_data_dir, args.split)
-    batches = [
-        bench.padded(feats[i : i + bench.EVAL_BATCH], 400)
-        for i in range(0, len(feats), bench.EVAL_BATCH)
-    ]
+    batches = list(bench.batches(feats))
     out = args.out or args.workdir.rstrip("/") + "_static"
     report = static_export.export_static(args.workdir, out, batches, args.threshold, trained)
     report.update(workdir=args.workdir, out=out, split=args.split, utterances=len(feats))

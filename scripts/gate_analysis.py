@@ -30,6 +30,7 @@ import os
 import numpy as np
 
 from jaxspeech import pyfile
+from jaxspeech.train import gate_stats
 
 # A hop of clean speech quieter than its utterance's loudest by more than this is not speech.
 SPEECH_DB = 35.0
@@ -123,7 +124,7 @@ def analyse(model, feats, records, clean, factor: int, hop: int) -> tuple[dict, 
     utts, gates = [], []
     total_on, total_frames = np.zeros(2 * num_layers), 0  # every component, every frame
     b0 = 0
-    for counts, attn, ffn, enc_lengths in bench.gate_traces(model, feats):
+    for counts, attn, ffn, enc_lengths in gate_stats.traces(model, bench.batches(feats)):
         for b, t in enumerate(enc_lengths):
             i = b0 + b
             a, f = attn[:, b, :t], ffn[:, b, :t]

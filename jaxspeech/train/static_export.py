@@ -27,6 +27,7 @@ from flax import nnx
 
 from jaxspeech.models import TransducerConfig, TransformerTransducer
 from jaxspeech.models.attention import length_mask
+from jaxspeech.train import gate_stats
 
 # The model fields of gating and of its losses: reset to their defaults in the exported model.
 GATING_FIELDS = (
@@ -69,23 +70,8 @@ class StaticChoice:
 def gate_rates(model: TransformerTransducer, batches) -> tuple[np.ndarray, np.ndarray, float]:
     """Per layer, the fraction of valid frames whose attention / FFN the model's hard gates run
     on, over `batches` of (feats [B, T, F], feat_lengths [B]); and the valid frame count."""
-    model.eval()
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def sums(state, feats, lengths):
-        _, enc_lengths, trace = nnx.merge(graphdef, state).encode_with_trace(feats, lengths)
-        valid = length_mask(enc_lengths, trace.attn.shape[-1])
-        on = [jnp.sum((g > 0.5) & valid, axis=(1, 2)) for g in (trace.attn, trace.ffn)]
-        return on[0], on[1], jnp.sum(valid)
-
-    attn, ffn, frames = 0.0, 0.0, 0.0
-    for feats, lengths in batches:
-        a, f, n = sums(state, jnp.asarray(feats), jnp.asarray(lengths))
-        attn, ffn, frames = attn + np.asarray(a), ffn + np.asarray(f), frames + float(n)
-    if frames == 0:
-        raise ValueError("the calibration set has no valid frames: give it some utterances")
-    return attn / frames, ffn / frames, frames
+    totals = gate_stats.executed(model, batches)
+    return totals["attn_on"], totals["ffn_on"], totals["frames"]
 
 
 def static_choice(model: TransformerTransducer, batches, threshold: float = 0.5) -> StaticChoice:
