@@ -31,6 +31,7 @@ import numpy as np
 
 from jaxspeech import pyfile
 from jaxspeech.train import gate_stats
+from jaxspeech.train.static_export import STATIC_SLACK
 
 # A hop of clean speech quieter than its utterance's loudest by more than this is not speech.
 SPEECH_DB = 35.0
@@ -53,8 +54,6 @@ def speech_frames(hops: np.ndarray, factor: int, num_frames: int) -> np.ndarray:
     return padded.reshape(num_frames, factor).any(axis=1)
 
 
-# A component on (or off) on all but this share of the frames counts as statically on (off).
-STATIC_SLACK = 0.01
 # Frame classes: where a frame lies relative to the utterance's speech.
 CLASSES = ("speech", "leading silence", "pauses", "trailing silence")
 

@@ -374,6 +374,10 @@ def test_export_static_writes_a_plain_workdir(trained, arbitrated, tmp_path):
     assert plain.step == gated.step and plain.model.encoder.arbitrator is None
     assert plain.model.cfg.num_layers == len(report["layers"]) > 0
     assert (out / "static_export.json").exists() and 0 < report["agreement"] <= 1
+    rates = {("attention", i): r for i, r in enumerate(report["attn_on"])}
+    rates.update({("ffn", i): r for i, r in enumerate(report["ffn_on"])})
+    partial = {(p["component"], p["layer"]): p["on"] for p in report["partial"]}
+    assert partial == {k: r for k, r in rates.items() if 0.01 < r < 0.99}
     choice = static_export.StaticChoice(
         tuple(report["attn"]), tuple(report["ffn"]), (), (), report["agreement"]
     )

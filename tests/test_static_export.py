@@ -57,7 +57,7 @@ def test_fixed_gates_export_exactly(batches):
     m.encoder.arbitrator.logits.bias[...] = jnp.array([5.0, 5.0, -5.0, -5.0, -5.0, 5.0])
     choice = static_export.static_choice(m, batches)
     assert choice.attn == (True, False, False) and choice.ffn == (True, False, True)
-    assert choice.layers == (0, 2) and choice.agreement == 1.0
+    assert choice.layers == (0, 2) and choice.agreement == 1.0 and choice.partial() == []
     pruned = static_export.pruned_model(m, choice)
     cfg = pruned.cfg
     assert (cfg.num_layers, cfg.arbitrator, cfg.compute_weight) == (2, "none", 0.0)
@@ -80,6 +80,9 @@ def test_mixed_gates_export_the_static_choice(batches):
     assert 0.05 < attn_on[0] < 0.95 and attn_on[1] > 0.5 and ffn_on[2] < 0.5
     choice = static_export.static_choice(m, batches, threshold=0.5)
     np.testing.assert_array_equal(choice.attn + choice.ffn, np.r_[attn_on, ffn_on] >= 0.5)
+    partial = {(c, i) for c, i, _ in choice.partial()}
+    assert ("attention", 0) in partial and ("ffn", 2) not in partial
+    assert {(c, i) for c, i, _ in choice.partial(margin=0.5)} == set()
     # brute force: the share of valid (layer, component, frame) decisions equal to the choice
     feats, lengths = batches[0]
     _, enc_lengths, trace = m.encode_with_trace(feats, lengths)

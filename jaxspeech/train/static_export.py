@@ -50,6 +50,11 @@ GATING_FIELDS = (
 )
 
 
+# A component on (or off) on all but this share of the frames counts as static (here and in
+# `scripts/gate_analysis.py`).
+STATIC_SLACK = 0.01
+
+
 @dataclasses.dataclass(frozen=True)
 class StaticChoice:
     """Per layer of the gated model: whether its attention / FFN is kept, and the calibration
@@ -65,6 +70,17 @@ class StaticChoice:
     def layers(self) -> tuple[int, ...]:
         """The layers kept (any component kept), in order."""
         return tuple(i for i, (a, f) in enumerate(zip(self.attn, self.ffn, strict=True)) if a or f)
+
+    def partial(self, margin: float = STATIC_SLACK) -> list[tuple[str, int, float]]:
+        """(component, layer, on-rate) of the components whose gates the calibration set found
+        neither off nor on: on-rate in (margin, 1 - margin). There the exported model runs a
+        component on frames the gates had it off (kept) or drops it where they had it on."""
+        return [
+            (name, i, r)
+            for name, rates in (("attention", self.attn_on), ("ffn", self.ffn_on))
+            for i, r in enumerate(rates)
+            if margin < r < 1 - margin
+        ]
 
 
 def gate_rates(model: TransformerTransducer, batches) -> tuple[np.ndarray, np.ndarray, float]:
@@ -188,6 +204,10 @@ def export_static(workdir: str, out: str, batches, threshold: float = 0.5, train
         "attn_on": list(choice.attn_on),
         "ffn_on": list(choice.ffn_on),
         "agreement": choice.agreement,
+        "partial": [
+            {"component": c, "layer": i, "on": r, "kept": (choice.attn, choice.ffn)[c == "ffn"][i]}
+            for c, i, r in choice.partial()
+        ],
         "num_layers": model.cfg.num_layers,
         "static_attention": model.cfg.static_attention,
         "static_ffn": model.cfg.static_ffn,
