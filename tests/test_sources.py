@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from jaxspeech.data.audio import AudioDecodeError, decode_audio, load_audio
+from jaxspeech.data.audio import AudioDecodeError, decode_audio, load_audio, to_float32
 from jaxspeech.data.manifest import ManifestSource
 from jaxspeech.data.sources import (
     ConcatSource,
@@ -51,6 +51,26 @@ def test_audio_errors_name_the_file(tmp_path):
     sf.write(tmp_path / "empty.wav", np.zeros(0), 16000)
     with pytest.raises(AudioDecodeError, match="empty.wav: no samples"):
         load_audio(tmp_path / "empty.wav")
+    # soundfile raises TypeError (not a decode error) for headerless raw PCM: still this file's
+    (tmp_path / "pcm.raw").write_bytes(np.zeros(1600, np.int16).tobytes())
+    with pytest.raises(AudioDecodeError, match="pcm.raw: unreadable audio"):
+        load_audio(tmp_path / "pcm.raw")
+    with pytest.raises(AudioDecodeError, match="<bytes>: unreadable audio"):
+        decode_audio(b"")
+    # grain worker processes send the error pickled: it must arrive whole
+    clone = pickle.loads(pickle.dumps(e.value))
+    assert (clone.path, clone.reason, str(clone)) == (e.value.path, e.value.reason, str(e.value))
+
+
+def test_integer_pcm_scaling():
+    """Signed PCM by its full range; unsigned PCM (8-bit WAV's) centred on its midpoint first."""
+    for dtype in (np.int8, np.int16, np.int32, np.uint8, np.uint16):
+        info = np.iinfo(dtype)
+        mid = (int(info.min) + int(info.max) + 1) // 2
+        x = np.array([info.min, mid, info.max], dtype)
+        got = to_float32(x, 16000)
+        half = 2.0 ** (info.bits - 1)
+        np.testing.assert_allclose(got, [-1.0, 0.0, (half - 1) / half], rtol=0, atol=1e-7)
 
 
 def _write_manifest(tmp_path, lines, name="m.jsonl"):

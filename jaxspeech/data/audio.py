@@ -27,18 +27,24 @@ class AudioDecodeError(Exception):
         self.path = path
         self.reason = reason
 
+    def __reduce__(self):  # grain worker processes send their errors pickled
+        return (AudioDecodeError, (self.path, self.reason))
+
 
 def to_float32(
     samples: np.ndarray, sample_rate: int, target_rate: int = SAMPLE_RATE, *, name: str = "<array>"
 ) -> np.ndarray:
     """``[N]`` or ``[N, C]`` samples (integer PCM or float) -> float32 mono at ``target_rate``.
 
-    Integer PCM is scaled by its full range (int16 / 32768); channels are averaged; resampling
-    uses soxr (high quality); the result is clipped to [-1, 1].
+    Integer PCM is scaled by its full range (int16 / 32768; unsigned PCM such as uint8 is centred
+    on its midpoint first); channels are averaged; resampling uses soxr (high quality); the result
+    is clipped to [-1, 1].
     """
     x = np.asarray(samples)
     if np.issubdtype(x.dtype, np.integer):
-        x = x.astype(np.float32) / float(-np.iinfo(x.dtype).min)
+        info = np.iinfo(x.dtype)
+        half = 2 ** (info.bits - 1)
+        x = (x.astype(np.float64) - (half if info.min == 0 else 0)) / half
     x = x.astype(np.float32, copy=False)
     if x.ndim == 2:
         x = x.mean(axis=1, dtype=np.float32)
@@ -60,8 +66,8 @@ def load_audio(path: str | os.PathLike, target_rate: int = SAMPLE_RATE) -> np.nd
         raise AudioDecodeError(name, "file not found")
     try:
         samples, rate = sf.read(name, dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
-        raise AudioDecodeError(name, f"unreadable audio ({e})") from e
+    except Exception as e:  # any decoder failure (TypeError for headerless .raw, too)
+        raise AudioDecodeError(name, f"unreadable audio ({type(e).__name__}: {e})") from e
     return to_float32(samples, rate, target_rate, name=name)
 
 
@@ -71,6 +77,6 @@ def decode_audio(
     """Decodes an encoded audio file held in memory (e.g. flac bytes); raises `AudioDecodeError`."""
     try:
         samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as e:
-        raise AudioDecodeError(name, f"unreadable audio ({e})") from e
+    except Exception as e:  # as in `load_audio`
+        raise AudioDecodeError(name, f"unreadable audio ({type(e).__name__}: {e})") from e
     return to_float32(samples, rate, target_rate, name=name)
