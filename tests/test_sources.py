@@ -117,6 +117,17 @@ def test_manifest_validation(tmp_path, line, message):
         ManifestSource(path)
 
 
+def test_manifest_encoding(tmp_path):
+    """UTF-8 with a byte-order mark reads; a line in another encoding is named, with the fix."""
+    sf.write(tmp_path / "a.wav", _tone(0.1, 16000), 16000)
+    line = json.dumps({"audio_filepath": "a.wav", "text": "café"}, ensure_ascii=False)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + line.encode() + b"\n")
+    assert ManifestSource(tmp_path / "bom.jsonl")[0]["text"] == "café"
+    (tmp_path / "latin1.jsonl").write_bytes((line + "\n" + line + "\n").encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.jsonl:1: not UTF-8 .*save the manifest as UTF-8"):
+        ManifestSource(tmp_path / "latin1.jsonl")
+
+
 def test_manifest_missing_audio(tmp_path):
     sf.write(tmp_path / "a.wav", _tone(0.1, 16000), 16000)
     lines = [{"audio_filepath": "a.wav", "text": "ok"}]

@@ -1,7 +1,10 @@
 """Character and SentencePiece tokenizers: normalization, round trips, save/load, errors."""
 
 import json
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 
@@ -70,6 +73,24 @@ def test_save_load(tokenizer, tmp_path):
     assert restored.vocab_size == tokenizer.vocab_size
     for text in TRANSCRIPTS[:9]:
         assert restored.encode(text) == tokenizer.encode(text)
+
+
+def test_saved_vocabulary_is_utf8_whatever_the_locale(tmp_path):
+    """A vocabulary with non-ASCII characters saved and loaded in an ASCII locale (LC_ALL=C, no
+    UTF-8 mode) reads back the same, and the file is UTF-8."""
+    code = (
+        "import sys; from jaxspeech.data.tokenizers import CharTokenizer, load_tokenizer;"
+        "t = CharTokenizer.from_transcripts(['caf\\u00e9 cr\\u00e8me', 'na\\u00efve']);"
+        "t.save(sys.argv[1]);"
+        "print(load_tokenizer(sys.argv[1]).chars == t.chars)"
+    )
+    env = dict(os.environ, LC_ALL="C", LANG="C", PYTHONUTF8="0")
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "tok")], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "True", run.stderr[-2000:]
+    desc = json.loads((tmp_path / "tok" / "tokenizer.json").read_bytes().decode("utf-8"))
+    assert {"é", "è", "ï"} <= set(desc["chars"])
 
 
 def test_errors(tokenizer, tmp_path):

@@ -40,11 +40,18 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"manifest not found: {path}")
     base = os.path.dirname(os.path.abspath(path))
     entries = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # decoded line by line, so an encoding error names its line
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:  # UTF-8, with or without a byte-order mark
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{where}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                    "save the manifest as UTF-8"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError as e:

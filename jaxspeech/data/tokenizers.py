@@ -90,7 +90,7 @@ class Tokenizer(abc.ABC):
 
     def _write_descriptor(self, directory, **fields) -> None:
         os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, _DESCRIPTOR), "w") as f:
+        with open(os.path.join(directory, _DESCRIPTOR), "w", encoding="utf-8") as f:
             json.dump(
                 {"kind": self.kind, "version": 1, "normalization": "v1", **fields},
                 f,
@@ -234,7 +234,7 @@ def load_tokenizer(directory: str | os.PathLike) -> CharTokenizer | SentencePiec
     path = os.path.join(directory, _DESCRIPTOR)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no tokenizer in {directory!s}: expected {path}")
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         desc = json.load(f)
     kind = desc.get("kind")
     if kind == CharTokenizer.kind:
