@@ -258,10 +258,36 @@ def test_bucket_spec_and_plan_validation():
     assert buckets.tolist() == [0, 0, 1, 1, -1, -1, -1, -1]
     assert reasons.tolist() == [0, 0, 0, 0, 1, 2, 1, 3]
     assert bucketing.label_widths(lengths, buckets, spec) == (8, 4)
+    short = bucketing.BucketSpec.create([10, 20], [2, 1], 8, label_pad_multiple=4, min_samples=5)
+    assert bucketing.classify(lengths, short)[1].tolist() == [0, 0, 0, 0, 1, 2, 5, 3]
+    assert bucketing.REASONS[bucketing.TOO_SHORT] == "too_short"
+    for bad in (0, 21):
+        with pytest.raises(ValueError, match="min_samples"):
+            bucketing.BucketSpec.create([10, 20], 2, 8, min_samples=bad)
     plan = bucketing.epoch_plan(
         buckets, spec, process_count=2, drop_remainder=False, shuffle=False, seed=0, epoch=0
     )
     assert [(k, r.tolist()) for k, r in plan] == [(0, [0, 1, -1, -1]), (1, [2, 3])]
+
+
+def test_too_short_audio_is_left_out_and_counted(src):
+    """Audio under `min_samples` (an encoder frame, in training) is filtered as `too_short`; a
+    bound that filters nothing leaves the batch plan, and its fingerprint, as they were."""
+    n = np.array([len(r["audio"]) if r else -1 for r in src.records])
+    kept, _ = expected_kept(src)
+    short = {f"utt{i}" for i in range(len(src)) if f"utt{i}" in kept and n[i] < 300}
+    assert short
+    # a record whose label is too long as well counts as too short; empty, unencodable and
+    # unreadable records keep their own reasons
+    cats = np.array(src.categories)
+    too_short = int(np.sum(np.isin(cats, ["kept", "long_label"]) & (n > 0) & (n < 300)))
+    p = pipe(src, train=False, min_samples=300)
+    assert p.stats()["too_short"] == too_short and p.stats()["yielded"] == len(kept - short)
+    assert {i for b in p for i in ids(b)} == kept - short
+    lowest = int(n[n > 0].min())
+    same, base = pipe(src, seed=2, min_samples=lowest), pipe(src, seed=2)
+    assert same.stats()["too_short"] == 0 and same.fingerprint() == base.fingerprint()
+    assert pipe(src, seed=2, min_samples=300).fingerprint() != base.fingerprint()
 
 
 def test_lengths_cache(tmp_path, src):

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import numpy as np
 
 # Reasons an example is left out of every epoch (index into `Lengths.filter_reasons`).
-KEPT, TOO_LONG, EMPTY, DECODE_FAILED, UNENCODABLE = 0, 1, 2, 3, 4
-REASONS = ("kept", "too_long", "empty", "decode_failed", "unencodable")
+KEPT, TOO_LONG, EMPTY, DECODE_FAILED, UNENCODABLE, TOO_SHORT = 0, 1, 2, 3, 4, 5
+REASONS = ("kept", "too_long", "empty", "decode_failed", "unencodable", "too_short")
 # Codes in `Lengths.label_lengths`: the record was None / the tokenizer rejected the text.
 NO_RECORD, NOT_ENCODABLE = -1, -2
 
@@ -61,13 +61,16 @@ class BucketSpec:
 
     `batch_sizes[k]` is the per-process batch size of bucket k (the global batch is
     `batch_sizes[k] * process_count`). Its label width is the longest kept label in the bucket
-    rounded up to `label_pad_multiple` (at most `max_label_length`).
+    rounded up to `label_pad_multiple` (at most `max_label_length`). Audio of fewer than
+    `min_samples` samples (but some) is left out as `too_short`: training sets it to what gives
+    the encoder one frame, since a transducer loss over no frames has nothing to align.
     """
 
     boundaries: tuple[int, ...]
     batch_sizes: tuple[int, ...]
     max_label_length: int
     label_pad_multiple: int = 8
+    min_samples: int = 1
 
     def __post_init__(self):
         b = self.boundaries
@@ -77,6 +80,8 @@ class BucketSpec:
             raise ValueError(f"need one positive batch size per bucket, got {self.batch_sizes}")
         if self.max_label_length <= 0 or self.label_pad_multiple <= 0:
             raise ValueError("max_label_length and label_pad_multiple must be positive")
+        if not 1 <= self.min_samples <= b[-1]:
+            raise ValueError(f"min_samples must be in [1, {b[-1]}], got {self.min_samples}")
 
     @classmethod
     def create(
@@ -85,6 +90,7 @@ class BucketSpec:
         batch_size: int | Sequence[int],
         max_label_length: int,
         label_pad_multiple: int = 8,
+        min_samples: int = 1,
     ) -> BucketSpec:
         sizes = [batch_size] * len(boundaries) if isinstance(batch_size, int) else batch_size
         return cls(
@@ -92,6 +98,7 @@ class BucketSpec:
             tuple(int(x) for x in sizes),
             int(max_label_length),
             int(label_pad_multiple),
+            int(min_samples),
         )
 
 
@@ -100,6 +107,7 @@ def classify(lengths: Lengths, spec: BucketSpec) -> tuple[np.ndarray, np.ndarray
     n, u = lengths.num_samples, lengths.label_lengths
     reasons = np.full(len(lengths), KEPT, np.int8)
     reasons[(n > spec.boundaries[-1]) | (u > spec.max_label_length)] = TOO_LONG
+    reasons[(n > 0) & (n < spec.min_samples)] = TOO_SHORT
     reasons[(n == 0) | (u == 0)] = EMPTY
     reasons[u == NOT_ENCODABLE] = UNENCODABLE
     reasons[(n == NO_RECORD) | (u == NO_RECORD)] = DECODE_FAILED

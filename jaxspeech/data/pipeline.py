@@ -227,6 +227,8 @@ class Pipeline:
                 self.process_count,
                 self.batches_per_epoch,
             ]
+            # only where it filters anything: plans from before `min_samples` keep their print
+            + ([self.spec.min_samples] if self.stats()["too_short"] else [])
         )
         return hashlib.sha1(key.encode()).hexdigest()[:16]
 
@@ -382,10 +384,14 @@ def make_pipeline(
     max_label_length: int,
     train: bool,
     label_pad_multiple: int = 8,
+    min_samples: int = 1,
     **kwargs,
 ) -> Pipeline:
     """Builds a `Pipeline`. `bucket_boundaries`: max audio samples per bucket (increasing; the last
     is the maximum duration, longer utterances are filtered); `batch_size`: per-process batch size,
-    one for all buckets or one per bucket. Other keyword arguments: see `Pipeline`."""
-    spec = BucketSpec.create(bucket_boundaries, batch_size, max_label_length, label_pad_multiple)
+    one for all buckets or one per bucket; `min_samples`: shorter audio is filtered (`too_short`).
+    Other keyword arguments: see `Pipeline`."""
+    spec = BucketSpec.create(
+        bucket_boundaries, batch_size, max_label_length, label_pad_multiple, min_samples
+    )
     return Pipeline(source, tokenizer, spec, train=train, **kwargs)

@@ -117,9 +117,10 @@ def train_pipeline(
     batch_divisor: int = 1,
     source=None,
     cache_dir: str | None = None,
+    min_samples: int = 1,
 ) -> pipeline_lib.Pipeline:
     """Shuffled, repeated, bucketed training batches (batch size rounded up to the mesh's
-    batch-sharding divisor)."""
+    batch-sharding divisor); audio shorter than `min_samples` is left out (`too_short`)."""
     source = get_source(data_cfg, "train") if source is None else source
     return pipeline_lib.make_pipeline(
         source,
@@ -128,6 +129,7 @@ def train_pipeline(
         batch_size=_round_up(data_cfg.batch_size, batch_divisor),
         max_label_length=data_cfg.max_label_length,
         train=True,
+        min_samples=min_samples,
         seed=seed,
         num_workers=data_cfg.num_workers,
         lengths_cache=lengths_cache(cache_dir, source_spec(data_cfg, "train")),

@@ -166,15 +166,20 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     divisor = sharding_lib.batch_divisor(mesh, rules)
     cache_dir = os.path.join(workdir, "cache")
+    feature_cfg = features.FeatureConfig(n_mels=model_cfg.num_mels)
     train_pipe = data_lib.train_pipeline(
-        config.data, tokenizer, seed=tc.seed, batch_divisor=divisor, cache_dir=cache_dir
+        config.data,
+        tokenizer,
+        seed=tc.seed,
+        batch_divisor=divisor,
+        cache_dir=cache_dir,
+        min_samples=feature_cfg.hop_length * model_cfg.subsampling_factor,  # one encoder frame
     )
     eval_pipelines = {}
     writer = metrics_lib.MetricWriter(workdir, total_steps=tc.num_steps, initial_step=latest or 0)
     writer.write_config(config)
 
     # 4. state -----------------------------------------------------------------------------------
-    feature_cfg = features.FeatureConfig(n_mels=model_cfg.num_mels)
     mean = std = None
     if latest is None and init_model is None:
         mean, std = data_lib.feature_statistics(
