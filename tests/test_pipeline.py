@@ -81,7 +81,7 @@ def pipe(src, **kw):
     kw.setdefault("train", True)
     return make_pipeline(
         src,
-        TOK,
+        kw.pop("tokenizer", TOK),
         bucket_boundaries=BOUNDARIES,
         batch_size=BATCH,
         max_label_length=MAX_LABEL,
@@ -290,12 +290,44 @@ def test_too_short_audio_is_left_out_and_counted(src):
     assert pipe(src, seed=2, min_samples=300).fingerprint() != base.fingerprint()
 
 
+class PrintedSource(MemSource):
+    """A MemSource that identifies its records, as manifest and TFDS sources do."""
+
+    def __init__(self, n=150, seed=0):
+        super().__init__(n, seed)
+        self.seed, self.reads = seed, 0
+
+    def fingerprint(self):
+        return f"mem:{self.seed}"
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return super().__getitem__(i)
+
+
 def test_lengths_cache(tmp_path, src):
     path = str(tmp_path / "lengths.npz")
     p = pipe(src, lengths_cache=path)
     cached = bucketing.Lengths.load(path)
     np.testing.assert_array_equal(cached.num_samples, p.lengths.num_samples)
     np.testing.assert_array_equal(cached.label_lengths, p.lengths.label_lengths)
+    # Read back only for the records and tokenizer it was measured on.
+    a, b = PrintedSource(seed=0), PrintedSource(seed=9)  # same size, other records
+    path = str(tmp_path / "printed.npz")
+    first = pipe(a, lengths_cache=path)
+    reads = a.reads
+    assert pipe(a, lengths_cache=path).fingerprint() == first.fingerprint() and a.reads == reads
+    other = pipe(b, lengths_cache=path)
+    assert b.reads == len(b) and other.fingerprint() != first.fingerprint()
+    fresh = scan_lengths(PrintedSource(seed=9), TOK)
+    np.testing.assert_array_equal(other.lengths.num_samples, fresh.num_samples)
+    wider = CharTokenizer(list("abcdx "))  # "x" is now encodable
+    assert pipe(b, lengths_cache=path, tokenizer=wider).stats()["unencodable"] == 0
+    assert b.reads == 2 * len(b)
+    # a cache from before keys (no `key` in the file) is measured again
+    np.savez(path, num_samples=other.lengths.num_samples, label_lengths=other.lengths.label_lengths)
+    pipe(b, lengths_cache=path)
+    assert b.reads == 3 * len(b) and bucketing.Lengths.load(path).key
 
 
 def test_orbax_checkpoint_round_trip(tmp_path, src):

@@ -117,6 +117,19 @@ def test_manifest_validation(tmp_path, line, message):
         ManifestSource(path)
 
 
+def test_manifest_fingerprint(tmp_path):
+    """Identifies the records: equal for the same lines, different for another transcript."""
+    sf.write(tmp_path / "a.wav", _tone(0.1, 16000), 16000)
+    lines = [{"audio_filepath": "a.wav", "text": t} for t in ("one", "two")]
+    first = ManifestSource(_write_manifest(tmp_path, lines, "a.jsonl")).fingerprint()
+    assert ManifestSource(_write_manifest(tmp_path, lines, "b.jsonl")).fingerprint() == first
+    lines[1]["text"] = "three"
+    assert ManifestSource(_write_manifest(tmp_path, lines, "c.jsonl")).fingerprint() != first
+    both = ConcatSource([ManifestSource(tmp_path / n) for n in ("a.jsonl", "c.jsonl")])
+    assert both.fingerprint().startswith(first + "+")
+    assert open_source(f"manifest:{tmp_path / 'a.jsonl'}").fingerprint() == first  # SkipCorrupt
+
+
 def test_manifest_encoding(tmp_path):
     """UTF-8 with a byte-order mark reads; a line in another encoding is named, with the fix."""
     sf.write(tmp_path / "a.wav", _tone(0.1, 16000), 16000)

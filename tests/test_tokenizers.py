@@ -75,6 +75,17 @@ def test_save_load(tokenizer, tmp_path):
         assert restored.encode(text) == tokenizer.encode(text)
 
 
+def test_fingerprint(tokenizer, tmp_path):
+    """Equal for the same vocabulary (also saved and loaded), different for another."""
+    tokenizer.save(tmp_path / "tok")
+    assert load_tokenizer(tmp_path / "tok").fingerprint() == tokenizer.fingerprint()
+    if isinstance(tokenizer, CharTokenizer):
+        other = CharTokenizer(tokenizer.chars + ["#"])
+    else:
+        other = SentencePieceTokenizer.train(TRANSCRIPTS, vocab_size=48)
+    assert other.fingerprint() != tokenizer.fingerprint()
+
+
 def test_saved_vocabulary_is_utf8_whatever_the_locale(tmp_path):
     """A vocabulary with non-ASCII characters saved and loaded in an ASCII locale (LC_ALL=C, no
     UTF-8 mode) reads back the same, and the file is UTF-8."""

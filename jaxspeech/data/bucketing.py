@@ -31,11 +31,14 @@ class Lengths:
     """Per-example `num_samples[i]` (audio) and `label_lengths[i]` (tokens).
 
     Both are `NO_RECORD` (-1) where the record was None; `label_lengths` is `NOT_ENCODABLE` (-2)
-    where the tokenizer rejected the text (a character outside its vocabulary).
+    where the tokenizer rejected the text (a character outside its vocabulary). `key` identifies
+    the records and tokenizer they were measured on (`jaxspeech.data.pipeline.lengths_key`), so
+    a cache is not read for others.
     """
 
     num_samples: np.ndarray
     label_lengths: np.ndarray
+    key: str = ""
 
     def __post_init__(self):
         if self.num_samples.shape != self.label_lengths.shape or self.num_samples.ndim != 1:
@@ -46,13 +49,14 @@ class Lengths:
 
     def save(self, path: str) -> None:
         tmp = f"{path}.tmp.npz"
-        np.savez(tmp, num_samples=self.num_samples, label_lengths=self.label_lengths)
+        np.savez(tmp, num_samples=self.num_samples, label_lengths=self.label_lengths, key=self.key)
         os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str) -> Lengths:
         with np.load(path) as f:
-            return cls(f["num_samples"].astype(np.int64), f["label_lengths"].astype(np.int64))
+            key = str(f["key"]) if "key" in f else ""
+            return cls(f["num_samples"].astype(np.int64), f["label_lengths"].astype(np.int64), key)
 
 
 @dataclasses.dataclass(frozen=True)

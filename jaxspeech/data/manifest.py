@@ -19,6 +19,7 @@ the first few paths. Audio is decoded lazily in ``__getitem__`` (`jaxspeech.data
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -118,6 +119,12 @@ class ManifestSource:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def fingerprint(self) -> str:
+        """Identifies the records (audio paths and transcripts, in order; not the audio bytes):
+        caches of their lengths are keyed by it."""
+        items = [(e["audio_filepath"], e["text"]) for e in self._entries]
+        return "manifest:" + hashlib.sha1(json.dumps(items).encode()).hexdigest()[:16]
 
     @property
     def durations(self) -> list[float | None]:

@@ -60,6 +60,20 @@ def label_length(tokenizer: Tokenizer, text: str) -> int:
     return bucketing.NOT_ENCODABLE if any(c.isalnum() for c in text) else 0
 
 
+def lengths_key(source, tokenizer: Tokenizer) -> str:
+    """What record lengths depend on: the source's `fingerprint()` (manifest, TFDS and
+    concatenated sources have one; for a source without, its record count stands in) and the
+    tokenizer's (for one without, its class name)."""
+
+    def of(obj):
+        fingerprint = getattr(obj, "fingerprint", None)
+        return fingerprint() if fingerprint is not None else None
+
+    return json.dumps(
+        [of(source) or f"{len(source)} records", of(tokenizer) or type(tokenizer).__name__]
+    )
+
+
 def scan_lengths(
     source,
     tokenizer: Tokenizer,
@@ -75,11 +89,15 @@ def scan_lengths(
     With `process_count > 1` each process reads the records `i % process_count == process_index`
     and `allgather` (default: `jax.experimental.multihost_utils.process_allgather`, stacking a
     [m, 2] array from every process into [P, m, 2]) assembles the whole table on every process.
+
+    A cache at `cache_path` is read only if it was measured on the same records and tokenizer
+    (`lengths_key`); otherwise the records are read again and the cache rewritten.
     """
+    key = lengths_key(source, tokenizer)
     if cache_path is not None:
         try:
             cached = Lengths.load(cache_path)
-            if len(cached) == len(source):
+            if len(cached) == len(source) and cached.key == key:
                 return cached
         except (OSError, ValueError, KeyError):
             pass
@@ -104,7 +122,7 @@ def scan_lengths(
             allgather = multihost_utils.process_allgather
         arr = np.asarray(allgather(arr)).reshape(pc, per_process, 2)
         arr = arr.transpose(1, 0, 2).reshape(-1, 2)[:n]  # row i came from process i % pc
-    lengths = Lengths(arr[:, 0].copy(), arr[:, 1].copy())
+    lengths = Lengths(arr[:, 0].copy(), arr[:, 1].copy(), key)
     if cache_path is not None and process_index == 0:
         lengths.save(cache_path)
     return lengths

@@ -117,9 +117,15 @@ class TfdsSource:
         audio = features["audio"] if "audio" in features else features["speech"]
         self._sample_rate = getattr(audio, "sample_rate", None) or SAMPLE_RATE
         self._source = builder.as_data_source(split=self.split)
+        self._where, self._version = where, str(builder.info.version)
 
     def __len__(self) -> int:
         return len(self._source)
+
+    def fingerprint(self) -> str:
+        """Identifies the prepared split (a TFDS version is immutable): caches of its record
+        lengths are keyed by it."""
+        return f"tfds:{self._where}:{self.split}:{self._version}"
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return example_to_record(self._source[int(index)], self._sample_rate)
@@ -187,6 +193,11 @@ class ConcatSource:
 
     def __len__(self) -> int:
         return int(self._ends[-1]) if len(self._ends) else 0
+
+    def fingerprint(self) -> str | None:
+        """Its sources' fingerprints joined (None if one of them has none)."""
+        prints = [getattr(s, "fingerprint", lambda: None)() for s in self.sources]
+        return None if None in prints else "+".join(prints)
 
     def __getitem__(self, index: int):
         index = int(index)

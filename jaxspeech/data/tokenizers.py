@@ -11,6 +11,7 @@ character vocabulary) plus ``tokenizer.model`` for SentencePiece; `load_tokenize
 from __future__ import annotations
 
 import abc
+import hashlib
 import io
 import json
 import os
@@ -88,6 +89,15 @@ class Tokenizer(abc.ABC):
                 out.append(i)
         return out
 
+    def fingerprint(self) -> str:
+        """Identifies what `encode` does (kind, normalization, vocabulary): caches of label
+        lengths are keyed by it."""
+        return hashlib.sha1(self.kind.encode() + b"|v1|" + self._vocabulary()).hexdigest()[:16]
+
+    @abc.abstractmethod
+    def _vocabulary(self) -> bytes:
+        """The vocabulary, serialized (for `fingerprint`)."""
+
     def _write_descriptor(self, directory, **fields) -> None:
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, _DESCRIPTOR), "w", encoding="utf-8") as f:
@@ -141,6 +151,9 @@ class CharTokenizer(Tokenizer):
     def save(self, directory: str | os.PathLike) -> None:
         self._write_descriptor(directory, chars=self.chars)
 
+    def _vocabulary(self) -> bytes:
+        return json.dumps(self.chars).encode()
+
 
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model with ids shifted by one: token id = piece id + 1, so 0 is the blank.
@@ -161,6 +174,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def __setstate__(self, state):
         self.__init__(state["model_proto"])
+
+    def _vocabulary(self) -> bytes:
+        return self.model_proto
 
     @classmethod
     def train(
