@@ -133,3 +133,33 @@ def test_gated_encoder_streams_with_skipping(audio, whole):
         got, scores = StreamingRecognizer(m, FEATS, skip=skip).transcribe(audio, 800)
         assert got == want, skip
         np.testing.assert_allclose(scores, want_scores, rtol=1e-4)
+
+
+def test_audio_too_short_for_an_encoder_frame(model, audio):
+    """Under one encoder frame (4 feature frames, 640 samples), unpadded: offline greedy and beam
+    emit nothing with score 0; an empty chunk streamed is a no-op."""
+    for n in (0, 160, 480):
+        feats, frame_lengths = log_mel(audio[:1, :n], jnp.array([n]), FEATS)
+        for search in (transducer_greedy, transducer_beam):
+            tokens, lengths, scores = search(model, feats, frame_lengths)
+            assert int(lengths[0]) == 0 and float(scores[0]) == 0.0, (n, search.__name__)
+    feats, frame_lengths = log_mel(audio[:1, :640], jnp.array([640]), FEATS)
+    assert np.isfinite(transducer_greedy(model, feats, frame_lengths)[2]).all()
+    rec = StreamingRecognizer(model, FEATS)
+    state, _, num = rec.step(rec.init(2), audio[:, :1600])
+    after, tokens, num = rec.step(state, audio[:, :0])
+    assert np.all(np.asarray(num) == 0) and not np.asarray(tokens).any()
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(after), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_recognizers_take_the_models_mel_count(model, audio):
+    """Without a feature config the offline and streaming recognizers use the model's num_mels (8
+    here, not the default 80); a mismatched one is refused with the fix."""
+    from jaxspeech.train.evaluate import Recognizer
+
+    want, _ = offline(model, audio, N)
+    assert Recognizer(model)(audio, np.array([N, N])) == want
+    assert StreamingRecognizer(model).transcribe(audio, 800)[0] == want
+    with pytest.raises(ValueError, match=r"pass FeatureConfig\(n_mels=8\)"):
+        Recognizer(model, FeatureConfig())

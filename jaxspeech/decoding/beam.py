@@ -45,6 +45,7 @@ from jaxspeech.decoding.greedy import (
     JointFn,
     PredStep,
     StaticGraph,
+    at_least_one_frame,
     run_model_search,
     select_rows,
     start_predictor,
@@ -179,6 +180,7 @@ def beam_search(
       `log P(y | x)` summed over the alignments kept in the beam. With `return_nbest=True`:
       `(tokens [B, K, L], lengths [B, K], scores [B, K])`, best first (empty slots score -inf).
     """
+    enc_proj = at_least_one_frame(enc_proj)
     batch, num_frames, _ = enc_proj.shape
     k = int(beam_size)
     max_len = max_output_len if max_output_len is not None else num_frames * max_symbols_per_frame

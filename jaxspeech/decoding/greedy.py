@@ -57,6 +57,14 @@ class GreedyResult(NamedTuple):
     pred_out: jax.Array  # [B, P] predictor output for the emitted prefix
 
 
+def at_least_one_frame(enc_proj: jax.Array) -> jax.Array:
+    """`enc_proj [B, T, J]`, with one (invalid, never read) frame where T is 0: the searches
+    index a frame per step, which an empty axis cannot give even where no step runs."""
+    if enc_proj.shape[1]:
+        return enc_proj
+    return jnp.zeros((enc_proj.shape[0], 1, enc_proj.shape[2]), enc_proj.dtype)
+
+
 class _Carry(NamedTuple):
     t: jax.Array  # [B] current frame
     n_frame: jax.Array  # [B] labels emitted on the current frame
@@ -84,6 +92,7 @@ def greedy_search_with_state(
     This is the resumable form used by streaming: `pred_out` is the predictor output for the
     labels emitted so far (for a fresh utterance, from `start_predictor`).
     """
+    enc_proj = at_least_one_frame(enc_proj)
     batch, num_frames, _ = enc_proj.shape
     max_len = max_output_len if max_output_len is not None else num_frames * max_symbols_per_frame
     max_len = max(int(max_len), 1)

@@ -81,7 +81,7 @@ class StreamingRecognizer:
     ):
         if model.cfg.lookahead_chunks:
             raise ValueError("streaming needs a chunk-causal encoder (lookahead_chunks=0)")
-        self.feature_cfg = feature_cfg = feature_cfg or FeatureConfig()
+        self.feature_cfg = feature_cfg = feature_cfg or FeatureConfig(n_mels=model.cfg.num_mels)
         if feature_cfg.n_mels != model.cfg.num_mels:
             raise ValueError(f"feature n_mels {feature_cfg.n_mels} != model {model.cfg.num_mels}")
         self.feat_chunk = model.feat_chunk_size

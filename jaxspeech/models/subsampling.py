@@ -73,8 +73,8 @@ class ConvSubsampling(nnx.Module):
         return x, tuple(new_left)
 
     def _project(self, x: jax.Array) -> jax.Array:
-        b, t = x.shape[:2]
-        return self.dropout(self.proj(x.reshape(b, t, -1)))
+        b, t, f, c = x.shape
+        return self.dropout(self.proj(x.reshape(b, t, f * c)))  # (not -1: t may be 0)
 
     def __call__(self, feats: jax.Array, feat_lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
         """feats [B, T, F] -> (x [B, T // factor, D], lengths [B] = feat_lengths // factor).

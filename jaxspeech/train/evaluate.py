@@ -71,7 +71,12 @@ class Recognizer:
     ):
         if decoder not in ("greedy", "beam"):
             raise ValueError(f"decoder must be 'greedy' or 'beam', got {decoder!r}")
-        self.feature_cfg = feature_cfg or features.FeatureConfig()
+        self.feature_cfg = feature_cfg or features.FeatureConfig(n_mels=model.cfg.num_mels)
+        if self.feature_cfg.n_mels != model.cfg.num_mels:
+            raise ValueError(
+                f"feature n_mels {self.feature_cfg.n_mels} != the model's num_mels "
+                f"{model.cfg.num_mels}: pass FeatureConfig(n_mels={model.cfg.num_mels})"
+            )
         model.eval()
         self.graphdef, self.state = nnx.split(model)
         feature_cfg = self.feature_cfg
