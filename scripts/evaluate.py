@@ -17,7 +17,7 @@ import re
 
 from absl import logging
 
-from jaxspeech.train import evaluate, loop, metrics
+from jaxspeech.train import data, evaluate, loop, metrics
 
 
 def main(argv=None):
@@ -69,6 +69,9 @@ def main(argv=None):
         f"I {report['insertions']}, {report['num_words']} words), RTF {report['rtf']:.4f}"
         f" -> {out}"
     )
+    if report["left_out"]:
+        left = data.format_left_out(report["left_out"])
+        print(f"not scored (records without audio or transcript to score): {left}")
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def test_train_script_wrote_the_workdir(trained):
     workdir, _ = trained
     with open(workdir / "eval.json") as f:
         report = json.load(f)
-    assert report["step"] == 4 and report["num_utterances"] == 50
+    assert report["step"] == 4 and report["num_utterances"] == 50 and report["left_out"] == {}
     assert 0.0 <= report["rtf"] and report["wer"] >= 0.0
 
 
@@ -86,6 +86,27 @@ def test_evaluate_script_on_a_manifest(trained, wav_manifest, capsys):
         report = json.load(f)
     assert report["num_utterances"] == 3
     assert {"substitutions", "deletions", "insertions", "rtf"} <= set(report)
+
+
+def test_evaluate_reports_what_the_wer_leaves_out(trained, wav_manifest, capsys):
+    """A manifest with an unreadable file and an empty transcript: the WER covers the rest, and
+    eval.json and the printout count what it left out."""
+    workdir, _ = trained
+    manifest, _ = wav_manifest
+    (manifest.parent / "bad.wav").write_bytes(b"RIFF not really")
+    lines = manifest.read_text().splitlines() + [
+        json.dumps({"audio_filepath": "bad.wav", "text": "turn on the lights"}),
+        json.dumps({"audio_filepath": "utt0.wav", "text": " ?! "}),
+    ]
+    worse = manifest.parent / "worse.jsonl"
+    worse.write_text("\n".join(lines) + "\n")
+    script("evaluate").main(["--workdir", str(workdir), "--manifest", str(worse)])
+    printed = capsys.readouterr().out
+    assert "transcript to score): empty 1, decode_failed 1" in printed
+    with open(workdir / "eval_worse.jsonl_greedy.json") as f:
+        report = json.load(f)
+    assert report["num_utterances"] == 3
+    assert report["left_out"] == {"empty": 1, "decode_failed": 1}
 
 
 def test_transcribe_script(trained, wav_manifest, capsys):

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspeech import features
+from jaxspeech.data import bucketing, sources, tokenizers
 from jaxspeech.data import pipeline as pipeline_lib
-from jaxspeech.data import sources, tokenizers
 
 SAMPLE_RATE = 16000
 SPLITS = ("train", "validation", "test")
@@ -99,6 +99,18 @@ def _boundaries(data_cfg) -> list[int]:
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def left_out(pipeline: pipeline_lib.Pipeline) -> dict[str, int]:
+    """How many records of its source a pipeline leaves out of every epoch (and so of a WER), by
+    reason (`jaxspeech.data.bucketing.REASONS`; the reasons that occur)."""
+    stats = pipeline.stats()
+    return {r: stats[r] for r in bucketing.REASONS if r != "kept" and stats[r]}
+
+
+def format_left_out(counts: dict[str, int]) -> str:
+    """`left_out` counts in words: "too_long 3, empty 1" ("none" for none)."""
+    return ", ".join(f"{r} {n}" for r, n in counts.items()) or "none"
 
 
 def lengths_cache(cache_dir: str | None, split: str) -> str | None:

@@ -124,16 +124,19 @@ def evaluate_split(
     pipelines: dict | None = None,
     cache_dir: str | None = None,
 ) -> dict:
-    """Decodes `split` (train/validation/test, a source spec or a .jsonl) and scores it.
+    """Decodes `split` (train/validation/test, a source spec or a .jsonl) and scores it; the
+    report's `left_out` counts the split's records that no batch holds (empty, unreadable ...).
     `pipelines` (a dict) keeps the built pipelines for the next call."""
     pipelines = {} if pipelines is None else pipelines
     if split not in pipelines:
         pipelines[split] = data_lib.eval_pipeline(
             config.data, split, tokenizer, cache_dir=cache_dir
         )
-    return evaluate_lib.evaluate(
+    report = evaluate_lib.evaluate(
         recognizer, iter(pipelines[split]), tokenizer, max_utterances=max_utterances
     )
+    report["left_out"] = data_lib.left_out(pipelines[split])  # records the WER does not cover
+    return report
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -178,6 +181,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     eval_pipelines = {}
     writer = metrics_lib.MetricWriter(workdir, total_steps=tc.num_steps, initial_step=latest or 0)
     writer.write_config(config)
+    left = data_lib.format_left_out(data_lib.left_out(train_pipe))
+    writer.log(f"train data: {len(train_pipe.lengths)} records, left out: {left}")
 
     # 4. state -----------------------------------------------------------------------------------
     mean = std = None
