@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from test_arbitrator import CFG as ARB_CFG  # tests/test_arbitrator.py
 
-from jaxspeech.losses.distill import lattice_kd
+from jaxspeech.losses.distill import lattice_kd, rest_logprobs
 from jaxspeech.losses.rnnt import blank_label_logprobs
 from jaxspeech.models import TransformerTransducer
 from jaxspeech.train import step as step_lib
@@ -53,10 +53,16 @@ def _brute_force(teacher_logits, student_logits):
     return jnp.sum(node * jnp.sum(terms, axis=0), axis=(1, 2))
 
 
+def _lattice(logits, labels=LABELS, label_lengths=LABEL_LENGTHS):
+    return (
+        *blank_label_logprobs(logits, labels, 0),
+        rest_logprobs(logits, labels, label_lengths, 0),
+    )
+
+
 def _collapsed_kd(teacher_logits, student_logits):
-    tb, tl = blank_label_logprobs(teacher_logits, LABELS, 0)
-    sb, sl = blank_label_logprobs(student_logits, LABELS, 0)
-    return lattice_kd(tb, tl, sb, sl, LOGIT_LENGTHS, LABEL_LENGTHS)
+    teacher, student = _lattice(teacher_logits), _lattice(student_logits)
+    return lattice_kd(teacher, student, LOGIT_LENGTHS, LABEL_LENGTHS)
 
 
 def test_lattice_kd_matches_brute_force_values_and_gradients():
@@ -79,9 +85,37 @@ def test_lattice_kd_matches_brute_force_values_and_gradients():
 def test_lattice_kd_is_zero_for_the_teacher_itself_and_rejects_other_lattices():
     logits = _logits(3)
     np.testing.assert_allclose(_collapsed_kd(logits, logits), 0.0, atol=1e-5)
-    tb, tl = blank_label_logprobs(logits, LABELS, 0)
+    lattice = _lattice(logits)
     with pytest.raises(ValueError, match="same batch"):
-        lattice_kd(tb[:, :-1], tl[:, :-1], tb, tl, LOGIT_LENGTHS, LABEL_LENGTHS)
+        lattice_kd([x[:, :-1] for x in lattice], lattice, LOGIT_LENGTHS, LABEL_LENGTHS)
+
+
+def test_lattice_kd_of_a_confident_student():
+    """A student that leaves the rest ~1e-7 (a trained transducer's blanks): the KL and its
+    gradient equal a float64 computation from the softmax. Rebuilding the rest as
+    1 - p(blank) - p(label) in float32 loses it (rounds to 0 or below) and its gradient."""
+    labels = jnp.array([[1]])  # B = 1, U = 1, one frame: nodes (0, 0) and (0, 1)
+    teacher_p = np.array([0.4, 0.1, 0.25, 0.25])
+    teacher = jnp.log(jnp.asarray(np.broadcast_to(teacher_p, (1, 1, 2, 4)), jnp.float32))
+    student = np.array([[[[12.0, 0.0, -5.0, -5.0], list(np.log(teacher_p))]]])  # row 1 = teacher
+
+    def reference(z):  # float64, node (0, 0) only (row 1 is the teacher's own: KL 0)
+        p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        q = np.array([p[0], p[1], p[2] + p[3]])
+        t = np.array([teacher_p[0], teacher_p[1], teacher_p[2] + teacher_p[3]])
+        return float(np.sum(t * np.log(t / q)))
+
+    def kd(z):
+        one = jnp.array([1])
+        return lattice_kd(_lattice(teacher, labels, one), _lattice(z, labels, one), one, one)[0]
+
+    value, grad = jax.value_and_grad(kd)(jnp.asarray(student, jnp.float32))
+    z = student[0, 0, 0]
+    eye = np.eye(4)
+    want = [(reference(z + 1e-6 * eye[i]) - reference(z - 1e-6 * eye[i])) / 2e-6 for i in range(4)]
+    np.testing.assert_allclose(float(value), reference(z), rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(grad)[0, 0, 0], want, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad)[0, 0, 1], 0.0, atol=1e-6)
 
 
 CFG = dataclasses.replace(ARB_CFG, arbitrator="none", dropout=0.0)

@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxspeech.losses.distill import rest_logprobs
 from jaxspeech.losses.rnnt import blank_label_logprobs, check_static, check_values, lattice_nll
 
 DEFAULT_TIME_CHUNK = 8
@@ -72,11 +73,13 @@ def lattice_logprobs(
     blank_id=0,
     time_chunk=DEFAULT_TIME_CHUNK,
     validate=False,
+    with_rest=False,
 ):
     """The lattice's blank `[B, T, U+1]` and label `[B, T, U]` log-probs (float32), joint
     evaluated chunk by chunk: what `rnnt_loss_fused` sums over and lattice distillation
-    (`jaxspeech.losses.distill`) compares. Differentiable; the arguments are as for
-    `rnnt_loss_fused`.
+    (`jaxspeech.losses.distill`) compares; `with_rest`: also the rest's `[B, T, U+1]`
+    (`distill.rest_logprobs`), from the same chunks. Differentiable; the other arguments are as
+    for `rnnt_loss_fused`.
     """
     if jnp.ndim(encoder_out) != 3:
         raise ValueError(f"encoder_out must be [B, T, J], got shape {jnp.shape(encoder_out)}")
@@ -120,12 +123,28 @@ def lattice_logprobs(
         validate=validate,
     )
     return _logprobs(
-        encoder_out, predictor_out, joint_fn, labels, logit_lengths, label_lengths, blank_id, chunk
+        encoder_out,
+        predictor_out,
+        joint_fn,
+        labels,
+        logit_lengths,
+        label_lengths,
+        blank_id,
+        chunk,
+        with_rest,
     )
 
 
 def _logprobs(
-    encoder_out, predictor_out, joint_fn, labels, logit_lengths, label_lengths, blank_id, chunk
+    encoder_out,
+    predictor_out,
+    joint_fn,
+    labels,
+    logit_lengths,
+    label_lengths,
+    blank_id,
+    chunk,
+    with_rest=False,
 ):
     b, t, j = encoder_out.shape
     logit_lengths = jnp.asarray(logit_lengths, jnp.int32)
@@ -143,10 +162,9 @@ def _logprobs(
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def logprobs(enc_chunk, pred):
         logits = joint_fn(enc_chunk[:, :, None, :], pred[:, None, :, :])
-        return blank_label_logprobs(logits, labels, blank_id)
+        out = blank_label_logprobs(logits, labels, blank_id)
+        return (*out, rest_logprobs(logits, labels, label_lengths, blank_id)) if with_rest else out
 
-    blank, label = jax.lax.map(lambda e: logprobs(e, predictor_out), enc)
+    out = jax.lax.map(lambda e: logprobs(e, predictor_out), enc)
     # [n, B, chunk, W] -> [B, n * chunk, W] -> drop the padded frames.
-    blank = jnp.moveaxis(blank, 0, 1).reshape(b, num_chunks * chunk, -1)[:, :t]
-    label = jnp.moveaxis(label, 0, 1).reshape(b, num_chunks * chunk, -1)[:, :t]
-    return blank, label
+    return tuple(jnp.moveaxis(x, 0, 1).reshape(b, num_chunks * chunk, -1)[:, :t] for x in out)

@@ -153,14 +153,22 @@ class TransformerTransducer(nnx.Module):
         feat_lengths: jax.Array,
         labels: jax.Array,
         label_lengths: jax.Array,
-    ) -> tuple[jax.Array, jax.Array]:
-        """The output lattice's blank `[B,T//4,U+1]` and next-label `[B,T//4,U]` log-probs
-        (`rnnt_fused.lattice_logprobs`): what a teacher gives lattice distillation."""
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The output lattice's blank `[B,T//4,U+1]`, next-label `[B,T//4,U]` and rest
+        `[B,T//4,U+1]` log-probs (`rnnt_fused.lattice_logprobs`): what a teacher gives lattice
+        distillation."""
         enc, enc_lengths = self.encode(feats, feat_lengths)
         enc_proj = self.joint.project_encoder(enc)
         pred_proj = self.joint.project_predictor(self.predict(labels))
         return lattice_logprobs(
-            enc_proj, pred_proj, self._joint_fn(), labels, enc_lengths, label_lengths, blank_id=0
+            enc_proj,
+            pred_proj,
+            self._joint_fn(),
+            labels,
+            enc_lengths,
+            label_lengths,
+            blank_id=0,
+            with_rest=True,
         )
 
     def _joint_fn(self):
@@ -179,7 +187,7 @@ class TransformerTransducer(nnx.Module):
         feat_lengths: jax.Array,
         labels: jax.Array,
         label_lengths: jax.Array,
-        teacher: tuple[jax.Array, jax.Array] | None = None,
+        teacher: tuple[jax.Array, jax.Array, jax.Array] | None = None,
         compute_target: jax.Array | float | None = None,
     ) -> dict[str, jax.Array]:
         """Per-example loss terms [B]: `rnnt` (nats, never materializing the [B,T,U+1,V]
@@ -209,14 +217,20 @@ class TransformerTransducer(nnx.Module):
         enc_proj = self.joint.project_encoder(enc)
         pred_proj = self.joint.project_predictor(self.predict(labels))
         joint_fn = self._joint_fn()
-        blank, label = lattice_logprobs(
-            enc_proj, pred_proj, joint_fn, labels, enc_lengths, label_lengths, blank_id=0
+        lattice = lattice_logprobs(
+            enc_proj,
+            pred_proj,
+            joint_fn,
+            labels,
+            enc_lengths,
+            label_lengths,
+            blank_id=0,
+            with_rest=teacher is not None,
         )
         lengths = (enc_lengths.astype(jnp.int32), label_lengths.astype(jnp.int32))
-        terms = {"rnnt": lattice_nll(blank, label, *lengths)}
+        terms = {"rnnt": lattice_nll(*lattice[:2], *lengths)}
         if teacher is not None:
-            t_blank, t_label = (jax.lax.stop_gradient(x) for x in teacher)
-            terms["teacher_kd"] = lattice_kd(t_blank, t_label, blank, label, *lengths)
+            terms["teacher_kd"] = lattice_kd(jax.lax.stop_gradient(teacher), lattice, *lengths)
         if self.cfg.ctc_weight > 0:
             terms["ctc"] = self.ctc_loss(enc, enc_lengths, labels, label_lengths)
         if self.encoder.arbitrator is not None:
