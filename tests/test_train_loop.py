@@ -133,6 +133,39 @@ def test_distills_from_a_teacher_workdir(resumed_run, tfds_dir, tmp_path):
     assert len(kd) == 2 and all(0 < v < float("inf") for v in kd)
 
 
+def test_warm_start_tokenizer_and_resume_without_the_source(resumed_run, tfds_dir, tmp_path):
+    """`train.init_from` into a workdir whose tokenizer differs is refused (its output layer
+    would predict other labels); a resumed warm-started run no longer needs `init_from`."""
+    from jaxspeech.data import tokenizers
+
+    straight = resumed_run[0]
+    chars = tokenizers.load_tokenizer(straight / "tokenizer").chars
+    other = tmp_path / "other"
+    tokenizers.CharTokenizer(chars[::-1]).save(other / "tokenizer")  # same size, other order
+    with pytest.raises(ValueError, match="another tokenizer than this workdir"):
+        loop.train_and_evaluate(tiny_config(tfds_dir, init_from=str(straight)), str(other))
+    work = tmp_path / "warm"
+    loop.train_and_evaluate(tiny_config(tfds_dir, num_steps=4, init_from=str(straight)), str(work))
+    gone = tiny_config(tfds_dir, num_steps=5, init_from=str(tmp_path / "deleted"))
+    assert loop.train_and_evaluate(gone, str(work))["step"] == 5
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("keep_checkpoints", 0, "keep_checkpoints must be a positive int"),
+        ("eval_every", 0, "eval_every must be a positive number of steps"),
+        ("log_every", -1, "log_every must be a positive number of steps"),
+    ],
+)
+def test_train_fields_are_checked_before_training(tfds_dir, tmp_path, field, value, match):
+    config = tiny_config(tfds_dir)
+    config.train[field] = value
+    with pytest.raises(ValueError, match=match):
+        loop.train_and_evaluate(config, str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")
+
+
 def test_nonfinite_policies():
     finite = {"finite": 1.0, "loss": 2.0, "grad_norm": 1.0}
     bad = {"finite": 0.0, "loss": float("nan"), "grad_norm": float("nan")}

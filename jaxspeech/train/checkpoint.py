@@ -104,6 +104,11 @@ class Checkpointer:
     """A thin wrapper over `ocp.CheckpointManager` at `workdir/checkpoints`."""
 
     def __init__(self, workdir: str, *, keep: int = 2, async_save: bool = True):
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(
+                f"train.keep_checkpoints must be a positive int (checkpoints kept), got {keep!r}: "
+                "0 would delete every checkpoint, the last one included"
+            )
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True

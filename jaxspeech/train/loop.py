@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from jaxspeech import features
+from jaxspeech.data import tokenizers
 from jaxspeech.models import arbitrator as arbitrator_lib
 from jaxspeech.train import checkpoint as checkpoint_lib
 from jaxspeech.train import data as data_lib
@@ -144,6 +145,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # 1. workdir ---------------------------------------------------------------------------------
     ensure_writable(workdir)
     tc = config.train
+    for name in ("num_steps", "log_every", "eval_every", "checkpoint_every"):
+        value = tc.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"train.{name} must be a positive number of steps, got {value!r}")
 
     # 2. data ------------------------------------------------------------------------------------
     init = _warm_start_source(tc, workdir)
@@ -341,17 +346,27 @@ def _params(model):
 
 
 def _warm_start_source(tc, workdir: str) -> str | None:
-    """`train.init_from` (a trained workdir), after copying its tokenizer into `workdir`."""
+    """`train.init_from` (a trained workdir), after copying its tokenizer into `workdir` (or
+    checking that the tokenizer there is the same); None without one, or when `workdir` already
+    has checkpoints (a resume does not read `init_from`, which may be gone)."""
     source = tc.get("init_from", "")
     if not source:
         return None
-    tokenizer_dir = os.path.join(source, "tokenizer")
-    if not os.path.isdir(tokenizer_dir):
-        raise FileNotFoundError(
-            f"train.init_from={source!r} is not a trained workdir: no {tokenizer_dir}"
+    theirs, mine = os.path.join(source, "tokenizer"), os.path.join(workdir, "tokenizer")
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints)):
+        return None
+    if not os.path.isdir(theirs):
+        raise FileNotFoundError(f"train.init_from={source!r} is not a trained workdir: no {theirs}")
+    if not os.path.exists(mine):
+        shutil.copytree(theirs, mine)
+    prints = {tokenizers.load_tokenizer(d).fingerprint() for d in (mine, theirs)}
+    if len(prints) > 1:
+        raise ValueError(
+            f"train.init_from={source!r} has another tokenizer than this workdir's ({mine}): its "
+            f"output layer would predict the wrong labels. Use a new workdir (its tokenizer is "
+            f"copied from {theirs}), or remove {mine}"
         )
-    if not os.path.exists(os.path.join(workdir, "tokenizer")):
-        shutil.copytree(tokenizer_dir, os.path.join(workdir, "tokenizer"))
     return source
 
 
