@@ -118,7 +118,13 @@ def main(argv=None):
     config = trained.config
     recognizer = evaluate.recognizer_for(trained.model, config, decoder=args.decoder)
     source = data_lib.get_source(config.data, args.split)
-    pipeline = data_lib.eval_pipeline(config.data, args.split, trained.tokenizer, source=source)
+    pipeline = data_lib.eval_pipeline(
+        config.data,
+        args.split,
+        trained.tokenizer,
+        source=source,
+        max_utterances=args.max_utterances,
+    )
     report = evaluate.evaluate(
         recognizer,
         iter(pipeline),

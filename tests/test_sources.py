@@ -13,6 +13,7 @@ from jaxspeech.data.sources import (
     ConcatSource,
     SkipCorrupt,
     SourceSpec,
+    SubsetSource,
     example_to_record,
     open_source,
 )
@@ -128,6 +129,20 @@ def test_manifest_fingerprint(tmp_path):
     both = ConcatSource([ManifestSource(tmp_path / n) for n in ("a.jsonl", "c.jsonl")])
     assert both.fingerprint().startswith(first + "+")
     assert open_source(f"manifest:{tmp_path / 'a.jsonl'}").fingerprint() == first  # SkipCorrupt
+
+
+def test_subset_source(tmp_path):
+    sf.write(tmp_path / "a.wav", _tone(0.1, 16000), 16000)
+    lines = [{"audio_filepath": "a.wav", "text": f"utterance {i}"} for i in range(10)]
+    full = ManifestSource(_write_manifest(tmp_path, lines))
+    part = SubsetSource.evenly_spaced(full, 4)
+    assert part.indices.tolist() == [0, 3, 6, 9] and len(part) == 4
+    assert [part[i]["text"] for i in range(4)] == [f"utterance {i}" for i in (0, 3, 6, 9)]
+    assert part.fingerprint().startswith(full.fingerprint() + "[")
+    assert part.fingerprint() != SubsetSource(full, [0, 3, 6, 8]).fingerprint()
+    assert len(SubsetSource.evenly_spaced(full, 50)) == 10
+    with pytest.raises(IndexError):
+        SubsetSource(full, [10])
 
 
 def test_manifest_encoding(tmp_path):

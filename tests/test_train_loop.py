@@ -7,6 +7,7 @@ import os
 import signal
 
 import jax
+import numpy as np
 import pytest
 
 from jaxspeech import pyfile
@@ -164,6 +165,50 @@ def test_train_fields_are_checked_before_training(tfds_dir, tmp_path, field, val
     with pytest.raises(ValueError, match=match):
         loop.train_and_evaluate(config, str(tmp_path / "w"))
     assert not os.path.exists(tmp_path / "w" / "metrics.jsonl")
+
+
+def test_resume_with_another_batch_plan_is_refused_naming_the_fields(resumed_run, tfds_dir):
+    """Another data.batch_size on resume: refused, naming the fields and the config.json to
+    resume with, which still holds the checkpoint's values."""
+    resumed = resumed_run[1]
+    before = (resumed / "config.json").read_text()
+    config = tiny_config(tfds_dir, num_steps=10)
+    config.data.batch_size = config.data.batch_size + 1
+    with pytest.raises(ValueError, match=r"data.batch_size.*config.json"):
+        loop.train_and_evaluate(config, str(resumed))
+    assert (resumed / "config.json").read_text() == before
+
+
+def test_config_typos_fail_before_training(tfds_dir, tmp_path):
+    for field, value, match in (
+        ("decoder", "beem", r"eval.decoder must be one of \('greedy', 'beam'\), got 'beem'"),
+        ("eval_split", "valdiation", "unknown split 'valdiation'"),
+    ):
+        config = tiny_config(tfds_dir)
+        (config.eval if field == "decoder" else config.data)[field] = value
+        with pytest.raises(ValueError, match=match):
+            loop.train_and_evaluate(config, str(tmp_path / field))
+        assert not os.listdir(tmp_path / field / "checkpoints")  # no step was saved
+
+
+def test_periodic_validation_takes_utterances_across_the_split(resumed_run, tfds_dir):
+    """`data.num_eval_utterances` records spread evenly over the split, not the first batches
+    (which the length buckets fill with the shortest utterances)."""
+    from jaxspeech.data import sources, tokenizers
+
+    straight = resumed_run[0]
+    config = tiny_config(tfds_dir)
+    tok = tokenizers.load_tokenizer(straight / "tokenizer")
+    full = loop.eval_pipeline(config, "validation", tok)
+    part = loop.eval_pipeline(config, "validation", tok, max_utterances=10)
+    assert isinstance(part.source, sources.SubsetSource) and len(part.source) == 10
+    n = len(full.source)
+    assert part.source.indices.tolist() == np.linspace(0, n - 1, 10).round().astype(int).tolist()
+    np.testing.assert_array_equal(
+        part.lengths.num_samples, full.lengths.num_samples[part.source.indices]
+    )
+    shortest = np.sort(full.lengths.num_samples)[:10]
+    assert part.lengths.num_samples.mean() > shortest.mean()
 
 
 def test_nonfinite_policies():

@@ -24,6 +24,7 @@ is skipped and counted, never a crash hours into training.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import logging
 import os
@@ -36,6 +37,7 @@ from jaxspeech.data.audio import SAMPLE_RATE, AudioDecodeError, to_float32
 
 __all__ = [
     "ConcatSource",
+    "SubsetSource",
     "SkipCorrupt",
     "SourceSpec",
     "TfdsSource",
@@ -206,6 +208,37 @@ class ConcatSource:
         k = int(np.searchsorted(self._ends, index, side="right"))
         start = 0 if k == 0 else int(self._ends[k - 1])
         return self.sources[k][index - start]
+
+
+class SubsetSource:
+    """The records `indices` of a source, in that order (a fixed evaluation subset)."""
+
+    def __init__(self, source, indices):
+        self.source = source
+        self.indices = np.asarray(indices, np.int64)
+        if self.indices.size and not (0 <= self.indices.min() and self.indices.max() < len(source)):
+            raise IndexError(f"subset indices outside [0, {len(source)})")
+
+    @classmethod
+    def evenly_spaced(cls, source, count: int):
+        """`count` records spread evenly over the source (all of it if it has no more): a
+        subset that follows the source's mix even where the source is sorted."""
+        n = len(source)
+        if count >= n:
+            return cls(source, np.arange(n))
+        return cls(source, np.unique(np.linspace(0, n - 1, count).round().astype(np.int64)))
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    def __getitem__(self, index: int):
+        return self.source[int(self.indices[int(index)])]
+
+    def fingerprint(self) -> str | None:
+        inner = getattr(self.source, "fingerprint", lambda: None)()
+        if inner is None:
+            return None
+        return f"{inner}[{hashlib.sha1(self.indices.tobytes()).hexdigest()[:16]}]"
 
 
 @dataclasses.dataclass(frozen=True)

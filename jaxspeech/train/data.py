@@ -149,15 +149,27 @@ def train_pipeline(
 
 
 def eval_pipeline(
-    data_cfg, split: str, tokenizer, *, source=None, cache_dir: str | None = None
+    data_cfg,
+    split: str,
+    tokenizer,
+    *,
+    source=None,
+    cache_dir: str | None = None,
+    max_utterances: int = -1,
 ) -> pipeline_lib.Pipeline:
-    """One ordered pass over `split` (train/validation/test, a source spec or a .jsonl path).
+    """One ordered pass over `split` (train/validation/test, a source spec or a .jsonl path), or
+    with `max_utterances` > 0 over that many of its records spread evenly over it (the batches
+    come in length order, so the first N utterances they hold would be the shortest).
 
     Unlike training, nothing is filtered for length: the last bucket and the label width grow to
     the split's longest utterance, so the WER covers every (non-empty) utterance."""
     source = get_source(data_cfg, split) if source is None else source
+    name = source_spec(data_cfg, split)
+    if 0 < max_utterances < len(source):
+        source = sources.SubsetSource.evenly_spaced(source, max_utterances)
+        name += f"@{max_utterances}"
     lengths = pipeline_lib.scan_lengths(
-        source, tokenizer, cache_path=lengths_cache(cache_dir, source_spec(data_cfg, split))
+        source, tokenizer, cache_path=lengths_cache(cache_dir, name)
     )
     longest = _round_up(max(int(lengths.num_samples.max(initial=1)), 1), SAMPLE_RATE)
     bounds = [b for b in _boundaries(data_cfg) if b < longest] + [longest]

@@ -56,6 +56,14 @@ def _decode_output(out):
     return tokens, lengths
 
 
+DECODERS = ("greedy", "beam")
+
+
+def check_decoder(decoder: str, field: str = "decoder") -> None:
+    if decoder not in DECODERS:
+        raise ValueError(f"{field} must be one of {DECODERS}, got {decoder!r}")
+
+
 class Recognizer:
     """A jitted audio -> token ids function for a TransformerTransducer (eval mode)."""
 
@@ -69,8 +77,7 @@ class Recognizer:
         max_symbols_per_frame: int = 3,
         max_output_len: int | None = None,
     ):
-        if decoder not in ("greedy", "beam"):
-            raise ValueError(f"decoder must be 'greedy' or 'beam', got {decoder!r}")
+        check_decoder(decoder)
         self.feature_cfg = feature_cfg or features.FeatureConfig(n_mels=model.cfg.num_mels)
         if self.feature_cfg.n_mels != model.cfg.num_mels:
             raise ValueError(

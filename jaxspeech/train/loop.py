@@ -115,6 +115,20 @@ class Preemption:
         return self.requested
 
 
+def eval_pipeline(
+    config, split: str, tokenizer, *, max_utterances=-1, pipelines=None, cache_dir=None
+):
+    """The eval pipeline of `split` (`data.eval_pipeline`: with `max_utterances` > 0, that many
+    records spread over the split), built once per (split, max_utterances) in `pipelines`."""
+    pipelines = {} if pipelines is None else pipelines
+    key = (split, max_utterances if max_utterances > 0 else -1)
+    if key not in pipelines:
+        pipelines[key] = data_lib.eval_pipeline(
+            config.data, split, tokenizer, cache_dir=cache_dir, max_utterances=key[1]
+        )
+    return pipelines[key]
+
+
 def evaluate_split(
     recognizer,
     config,
@@ -125,18 +139,22 @@ def evaluate_split(
     pipelines: dict | None = None,
     cache_dir: str | None = None,
 ) -> dict:
-    """Decodes `split` (train/validation/test, a source spec or a .jsonl) and scores it; the
-    report's `left_out` counts the split's records that no batch holds (empty, unreadable ...).
-    `pipelines` (a dict) keeps the built pipelines for the next call."""
-    pipelines = {} if pipelines is None else pipelines
-    if split not in pipelines:
-        pipelines[split] = data_lib.eval_pipeline(
-            config.data, split, tokenizer, cache_dir=cache_dir
-        )
-    report = evaluate_lib.evaluate(
-        recognizer, iter(pipelines[split]), tokenizer, max_utterances=max_utterances
+    """Decodes `split` (train/validation/test, a source spec or a .jsonl; with `max_utterances`
+    > 0, that many of its records spread evenly over it) and scores it; the report's `left_out`
+    counts the records that no batch holds (empty, unreadable ...). `pipelines` (a dict) keeps
+    the built pipelines for the next call."""
+    pipeline = eval_pipeline(
+        config,
+        split,
+        tokenizer,
+        max_utterances=max_utterances,
+        pipelines=pipelines,
+        cache_dir=cache_dir,
     )
-    report["left_out"] = data_lib.left_out(pipelines[split])  # records the WER does not cover
+    report = evaluate_lib.evaluate(
+        recognizer, iter(pipeline), tokenizer, max_utterances=max_utterances
+    )
+    report["left_out"] = data_lib.left_out(pipeline)  # records the WER does not cover
     return report
 
 
@@ -185,9 +203,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
     )
     eval_pipelines = {}
     writer = metrics_lib.MetricWriter(workdir, total_steps=tc.num_steps, initial_step=latest or 0)
-    writer.write_config(config)
     left = data_lib.format_left_out(data_lib.left_out(train_pipe))
     writer.log(f"train data: {len(train_pipe.lengths)} records, left out: {left}")
+    evaluate_lib.check_decoder(config.eval.decoder, "eval.decoder")
+    eval_pipeline(  # now, so that a wrong data.eval_split fails before any training
+        config,
+        config.data.eval_split,
+        tokenizer,
+        max_utterances=config.data.num_eval_utterances,
+        pipelines=eval_pipelines,
+        cache_dir=cache_dir,
+    )
 
     # 4. state -----------------------------------------------------------------------------------
     mean = std = None
@@ -211,9 +237,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if latest is not None:
         state, data_state = ckpt.restore(state, latest)
         if data_state is not None:
-            train_iter.set_state(data_state)
+            try:
+                train_iter.set_state(data_state)
+            except ValueError as e:
+                raise ValueError(
+                    f"the checkpoint in {ckpt.directory} was written with another training input "
+                    f"({e}): the batches depend on data.train, data.batch_size, the buckets "
+                    "(data.bucket_seconds, data.max_duration), data.max_label_length and "
+                    f"train.seed. Resume with the values in {workdir}/config.json, or use a new "
+                    "workdir"
+                ) from e
         writer.log(f"resumed from {ckpt.directory} at step {latest}")
-    else:
+    writer.write_config(config)  # once the checkpoint (if any) has restored into this config
+    if latest is None:
         writer.log(f"model: {state_lib.count_params(state):,} parameters; mesh {dict(mesh.shape)}")
         if init_model is not None:
             writer.log(f"warm start from {init}")
