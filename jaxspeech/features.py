@@ -150,7 +150,8 @@ def log_mel_chunk(
     chunk = jnp.asarray(chunk, jnp.float32)
     context = jnp.asarray(context, jnp.float32)
     feats = _log_mel_frames(_frames(chunk, cfg, context), cfg)
-    new_context = jnp.concatenate([context, chunk], axis=1)[:, -cfg.left_context :]
+    joined = jnp.concatenate([context, chunk], axis=1)
+    new_context = joined[:, joined.shape[1] - cfg.left_context :]  # (not -k: k may be 0)
     return feats, new_context
 
 

@@ -86,6 +86,14 @@ def paired(a: dict, b: dict, names: tuple[str, str]) -> np.ndarray:
     return np.array([(a[i][0], b[i][0], a[i][1]) for i in ids], np.int64)
 
 
+def relative(errs_b, errs_a):
+    """(B - A) / A of error counts; where A has none: 0 if B has none either, else +inf (so a
+    resample without errors in either run does not turn the interval into NaN)."""
+    errs_a, errs_b = np.asarray(errs_a, np.float64), np.asarray(errs_b, np.float64)
+    safe = np.where(errs_a > 0, errs_a, 1.0)
+    return np.where(errs_a > 0, errs_b / safe - 1.0, np.where(errs_b > 0, np.inf, 0.0))
+
+
 def bootstrap(counts: np.ndarray, samples: int, seed: int = 0) -> dict:
     """Relative WER difference (B - A) / A on `counts` ([N, 3] from `paired`) and over
     `samples` resamples of its rows: the 95% interval and the share where B < A."""
@@ -95,10 +103,9 @@ def bootstrap(counts: np.ndarray, samples: int, seed: int = 0) -> dict:
     for start in range(0, samples, 1000):
         k = min(1000, samples - start)
         weights = rng.multinomial(n, np.full(n, 1.0 / n), size=k)  # [k, N] resample counts
-        errs_a, errs_b, words = (weights @ counts).T
-        wer_a, wer_b = errs_a / words, errs_b / words
-        rel.append(wer_b / wer_a - 1.0)
-        better += int(np.sum(wer_b < wer_a))
+        errs_a, errs_b, _ = (weights @ counts).T
+        rel.append(relative(errs_b, errs_a))  # the words are shared: WER ratio = error ratio
+        better += int(np.sum(errs_b < errs_a))
     rel = np.concatenate(rel)
     total = counts.sum(axis=0)
     return {
@@ -106,7 +113,7 @@ def bootstrap(counts: np.ndarray, samples: int, seed: int = 0) -> dict:
         "words": int(total[2]),
         "wer_a": total[0] / total[2],
         "wer_b": total[1] / total[2],
-        "relative": total[1] / total[0] - 1.0,
+        "relative": float(relative(total[1], total[0])),
         "interval": [float(np.quantile(rel, 0.025)), float(np.quantile(rel, 0.975))],
         "b_better": better / samples,
     }
@@ -122,7 +129,7 @@ def pooled(counts: list[np.ndarray], samples: int, seed: int = 0) -> dict:
     stack = np.stack(counts)  # [S, N, 3]
     summed = stack.sum(axis=0)  # [N, 3]: A errors and B errors summed over the pairs
     row = bootstrap(summed, samples, seed)
-    per_pair = stack[:, :, 1].sum(axis=1) / stack[:, :, 0].sum(axis=1) - 1.0
+    per_pair = relative(stack[:, :, 1].sum(axis=1), stack[:, :, 0].sum(axis=1))
     row.update(pairs=len(counts), per_pair=[float(r) for r in per_pair], t_interval=None)
     row["words"] //= len(counts)  # summed once per pair: wer_a and wer_b are the mean WERs
     if len(counts) > 1:

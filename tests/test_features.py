@@ -89,21 +89,25 @@ def test_log_mel_batch_padding_and_causality():
     assert not np.allclose(a[0, k + 1], b[0, k + 1])
 
 
-def test_log_mel_chunk_streams_exactly():
-    """Chunk by chunk, carrying left_context samples, equals log_mel on the whole utterance."""
+@pytest.mark.parametrize("cfg", [CFG, FeatureConfig(n_fft=256, win_length=256, hop_length=256)])
+def test_log_mel_chunk_streams_exactly(cfg):
+    """Chunk by chunk, carrying left_context samples, equals log_mel on the whole utterance
+    (also with frames that do not overlap: no context to carry)."""
     chirp, tone = _signals()
-    n = 32 * 160 * 3  # three chunks of 32 frames
+    size = 32 * 160  # 32 frames of CFG, 20 of the other
+    n = 3 * size
     audio = jnp.asarray(np.stack([chirp[:n], tone[:n]]))
-    offline, _ = _log_mel(audio, jnp.array([n, n]), CFG)
+    offline, _ = _log_mel(audio, jnp.array([n, n]), cfg)
     step = jax.jit(log_mel_chunk, static_argnums=2)
-    context = jnp.zeros((2, CFG.left_context))
+    context = jnp.zeros((2, cfg.left_context))
     parts = []
-    for start in range(0, n, 32 * 160):
-        feats, context = step(context, audio[:, start : start + 32 * 160], CFG)
+    for start in range(0, n, size):
+        feats, context = step(context, audio[:, start : start + size], cfg)
+        assert context.shape == (2, cfg.left_context)
         parts.append(feats)
     np.testing.assert_allclose(np.concatenate(parts, axis=1), offline, atol=1e-5)
     with pytest.raises(ValueError, match="not a multiple of the hop"):
-        log_mel_chunk(context, audio[:, :100], CFG)
+        log_mel_chunk(context, audio[:, :100], cfg)
 
 
 def test_log_mel_short_input():

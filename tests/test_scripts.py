@@ -492,6 +492,28 @@ def test_compare_wer_matched_pairs_bootstrap(tmp_path, trained, capsys):
     assert "| 95% interval |" in capsys.readouterr().out
 
 
+def test_compare_wer_with_few_errors(tmp_path):
+    """Resamples where neither run errs count as no difference, not NaN: the interval of a
+    low-WER comparison stays finite."""
+    cw = script("compare_wer")
+    assert cw.relative(0, 0) == 0 and cw.relative(1, 0) == np.inf and cw.relative(3, 4) == -0.25
+    refs = ["turn on the lights"] * 200
+    _errors_file(
+        tmp_path / "a.jsonl",
+        ["turn on the light" if i < 3 else r for i, r in enumerate(refs)],
+        refs,
+    )
+    _errors_file(
+        tmp_path / "b.jsonl",
+        ["turn of the lights" if i < 2 else r for i, r in enumerate(refs)],
+        refs,
+    )
+    a, b = (cw.utterance_errors(str(tmp_path / f"{k}.jsonl")) for k in "ab")
+    row = cw.bootstrap(cw.paired(a, b, ("a", "b")), samples=2000)
+    lo, hi = row["interval"]
+    assert row["relative"] == pytest.approx(-1 / 3) and np.isfinite(lo) and lo <= row["relative"]
+
+
 def test_compare_wer_pooled_over_seeds(tmp_path, capsys):
     cw = script("compare_wer")
     rng = np.random.default_rng(1)
