@@ -137,6 +137,15 @@ def test_streaming_equals_offline(model, feats):
     np.testing.assert_allclose(streamed, enc, atol=1e-5)
 
 
+def test_encoder_step_takes_chunk_size_frames(model):
+    """`Encoder.step` on a chunk of another width is refused (it silently gave wrong frames)."""
+    enc = model.encoder
+    state = enc.init_state(1)
+    for width in (1, 2 * enc.chunk_size):
+        with pytest.raises(ValueError, match=f"chunk_size = {enc.chunk_size} frames, got {width}"):
+            enc.step(state, jnp.zeros((1, width, enc.d_model)), jnp.int32(0))
+
+
 def test_streaming_partial_last_chunk(model, feats):
     lengths = jnp.array([64, 45])
     enc, enc_lengths = jax.jit(model.encode)(feats, lengths)

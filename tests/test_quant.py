@@ -409,6 +409,41 @@ def test_model_with_8bit_activations():
         TransducerConfig(vocab_size=11, activation_bits=9)
 
 
+def test_first_conv_and_lstm_recurrence_quantize_their_inputs():
+    """The first conv's input has one channel: its scale spans each frame's frequencies and
+    channels (a per-channel scale would give every value its own, quantizing nothing). The LSTM's
+    recurrent matmul quantizes h as its `recurrent_proj` says."""
+    from jaxspeech.models import TransducerConfig, TransformerTransducer
+    from jaxspeech.quant.fake_quant import fake_quant_activations
+
+    kw = dict(num_mels=16, vocab_size=11, d_model=32, num_heads=2, mlp_dim=64, num_layers=1)
+    cfg2 = TransducerConfig(**kw, subsampling_channels=4, activation_bits=2, predictor="lstm")
+    model = TransformerTransducer(cfg2, rngs=nnx.Rngs(0))
+    conv = model.subsampling.convs[0]
+    x = jax.random.normal(jax.random.key(1), (2, 6, 16, 1))
+    q = fake_quant_activations(x, 2, feature_axes=2)
+    assert all(np.unique(frame).size <= 4 for frame in np.asarray(q).reshape(12, -1))
+    conv.act_bits = 0
+    want, plain = conv(q), conv(x)
+    conv.act_bits = 2
+    np.testing.assert_array_equal(conv(x), want)
+    assert float(jnp.max(jnp.abs(want - plain))) > 0.05
+
+    layer = model.predictor.layers[0]
+    assert layer.recurrent_proj.act_bits == 2
+    inputs = jax.random.normal(jax.random.key(2), (2, 5, cfg2.predictor_dim))
+    kernel = layer.recurrent_proj.kernel[...]
+    c, h, outs = jnp.zeros((2, layer.hidden)), jnp.zeros((2, layer.hidden)), []
+    gates_in = layer.input_proj(inputs)
+    for t in range(5):  # the cell by hand, h quantized before the recurrent matmul
+        gates = gates_in[:, t] + fake_quant_activations(h, 2) @ kernel
+        i, f, g, o = jnp.split(gates, 4, axis=-1)
+        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+        outs.append(h)
+    np.testing.assert_allclose(layer(inputs), jnp.stack(outs, 1), atol=1e-5)
+
+
 def test_theta_lr_scale_multiplies_only_squashed_theta_updates():
     import ml_collections
 

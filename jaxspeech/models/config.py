@@ -272,9 +272,12 @@ def layer_norm(dim: int, cfg: TransducerConfig, *, rngs: nnx.Rngs) -> nnx.LayerN
     )
 
 
-def input_quantized(cls):
+def input_quantized(cls, feature_axes: int = 1):
     """A subclass of the flax layer `cls` whose call fake-quantizes its input to `act_bits` bits
-    (0: unchanged). Parameters and their paths are those of `cls`."""
+    (0: unchanged), one scale per position over the last `feature_axes` axes (a 2-D conv's
+    input [B, T, F, C]: over frequency and channels, per frame; per channel alone, its first
+    layer's single channel would give every value its own scale, quantizing nothing).
+    Parameters and their paths are those of `cls`."""
 
     class InputQuantized(cls):
         def __init__(self, *args, act_bits: int = 0, **kwargs):
@@ -283,7 +286,7 @@ def input_quantized(cls):
 
         def __call__(self, x, *args, **kwargs):
             if self.act_bits:
-                x = fake_quant_activations(x, self.act_bits)
+                x = fake_quant_activations(x, self.act_bits, feature_axes)
             return super().__call__(x, *args, **kwargs)
 
     InputQuantized.__name__ = InputQuantized.__qualname__ = f"InputQuantized{cls.__name__}"
@@ -292,7 +295,7 @@ def input_quantized(cls):
 
 Linear = input_quantized(nnx.Linear)
 Einsum = input_quantized(nnx.Einsum)
-Conv = input_quantized(nnx.Conv)
+Conv = input_quantized(nnx.Conv, feature_axes=2)
 
 
 def dense(

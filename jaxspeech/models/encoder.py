@@ -370,10 +370,13 @@ class Encoder(nnx.Module):
         `end` [B] (optional): frames at positions >= end are padding (masked as keys, exactly as
         `__call__` masks frames >= lengths). Gates: [num_layers, B, C] each, or None (then the
         arbitrator's, if any); layer i's gates refer to its output chunk (frames offset - (i + 1)
-        * lookahead_chunks * C ...). `skip` (hard gates, lookahead 0): components run only on
-        their active frames (skipping execution, see the module docstring).
+        * lookahead_chunks * C ...). Gates (given or the arbitrator's) need lookahead_chunks = 0
+        here (`encode` takes any lookahead). `skip` (hard gates): components run only on their
+        active frames (skipping execution, see the module docstring). C must be `chunk_size`.
         """
         b, c, _ = x.shape
+        if c != self.chunk_size:
+            raise ValueError(f"a streamed chunk has chunk_size = {self.chunk_size} frames, got {c}")
         size, ahead = self.cache_size, self.lookahead_chunks * c
         frame_pos = offset + jnp.arange(c, dtype=jnp.int32)
         valid = jnp.ones((b, c), bool) if end is None else frame_pos[None, :] < end[:, None]

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxspeech.models.config import TransducerConfig, dense, partitioned
+from jaxspeech.quant.fake_quant import fake_quant_activations
 
 
 def _embed(cfg: TransducerConfig, features: int, *, rngs: nnx.Rngs) -> nnx.Embed:
@@ -38,9 +39,10 @@ def _forget_gate_bias(key, shape, dtype=jnp.float32):
     return jnp.zeros(shape, dtype).at[shape[0] // 4 : shape[0] // 2].set(1.0)
 
 
-def _lstm_cell(carry, gates_in, recurrent_kernel, dtype):
+def _lstm_cell(carry, gates_in, recurrent_kernel, dtype, act_bits=0):
     c, h = carry
-    rec = jnp.dot(h, recurrent_kernel.astype(dtype), preferred_element_type=jnp.float32)
+    h_in = fake_quant_activations(h, act_bits) if act_bits else h  # as `recurrent_proj`'s input
+    rec = jnp.dot(h_in, recurrent_kernel.astype(dtype), preferred_element_type=jnp.float32)
     i, f, g, o = jnp.split(gates_in.astype(jnp.float32) + rec, 4, axis=-1)
     c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
     h = (jax.nn.sigmoid(o) * jnp.tanh(c)).astype(dtype)
@@ -64,7 +66,8 @@ class LSTMLayer(nnx.Module):
 
     def cell(self, carry: tuple[jax.Array, jax.Array], gates_in: jax.Array):
         """One time step: carry (c float32 [B,P], h [B,P]), gates_in = input_proj(x) [B,4P]."""
-        return _lstm_cell(carry, gates_in, self.recurrent_proj.kernel[...], self.dtype)
+        kernel, bits = self.recurrent_proj.kernel[...], self.recurrent_proj.act_bits
+        return _lstm_cell(carry, gates_in, kernel, self.dtype, bits)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B,T,d_in] -> [B,T,P] from the zero state (input projection vectorized over T).
@@ -73,9 +76,9 @@ class LSTMLayer(nnx.Module):
         layer also works when the module itself is closed over by `jax.jit`.
         """
         gates_in = jnp.swapaxes(self.input_proj(x), 0, 1)  # [T,B,4P]
-        kernel = self.recurrent_proj.kernel[...]
+        kernel, bits = self.recurrent_proj.kernel[...], self.recurrent_proj.act_bits
         _, hs = jax.lax.scan(
-            lambda carry, g: _lstm_cell(carry, g, kernel, self.dtype),
+            lambda carry, g: _lstm_cell(carry, g, kernel, self.dtype, bits),
             self.init_state(x.shape[0]),
             gates_in,
         )

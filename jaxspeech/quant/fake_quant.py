@@ -128,11 +128,13 @@ def fake_quant(
     return _STE[bits](w, scale)
 
 
-def fake_quant_activations(x: jax.Array, bits: int) -> jax.Array:
+def fake_quant_activations(x: jax.Array, bits: int, feature_axes: int = 1) -> jax.Array:
     """Per-token fake quantization of activations: one symmetric max-abs scale per position over
-    the last (feature) axis, computed on the fly, ``2**bits`` mid-rise levels, straight-through
-    gradients. What an integer kernel with per-row input scales computes; the scale needs no
-    calibration and no state, and it does not mix positions (or batch rows)."""
-    if x.ndim == 0:
-        raise ValueError("fake_quant_activations needs an array with a feature axis")
-    return fake_quant(x, bits, channel_axes=tuple(range(x.ndim - 1)))
+    the last `feature_axes` (feature) axes, computed on the fly, ``2**bits`` mid-rise levels,
+    straight-through gradients. What an integer kernel with per-row input scales computes; the
+    scale needs no calibration and no state, and it does not mix positions (or batch rows)."""
+    if not 1 <= feature_axes <= x.ndim:
+        raise ValueError(
+            f"fake_quant_activations needs {feature_axes} feature axes, got a {x.ndim}-D array"
+        )
+    return fake_quant(x, bits, channel_axes=tuple(range(x.ndim - feature_axes)))
