@@ -179,6 +179,20 @@ def test_resume_with_another_batch_plan_is_refused_naming_the_fields(resumed_run
     assert (resumed / "config.json").read_text() == before
 
 
+def test_resume_notes_a_changed_learning_rate(tfds_dir, tmp_path, capsys):
+    """More steps on resume stretch a cosine schedule: the log says how the rate jumps."""
+    config = tiny_config(tfds_dir, num_steps=4)
+    config.optim.schedule = "cosine"
+    loop.train_and_evaluate(config, str(tmp_path / "w"))
+    capsys.readouterr()
+    config.train.num_steps = 6
+    loop.train_and_evaluate(config, str(tmp_path / "w"))
+    assert "learning rate at step 4 changes from" in capsys.readouterr().out
+    _, schedule = loop.state_lib.make_optimizer(config.optim, 6)
+    assert loop._schedule_change(str(tmp_path / "w"), config, 5, schedule) is None  # same run
+    assert loop._schedule_change(str(tmp_path / "nowhere"), config, 5, schedule) is None
+
+
 def test_config_typos_fail_before_training(tfds_dir, tmp_path):
     for field, value, match in (
         ("decoder", "beem", r"eval.decoder must be one of \('greedy', 'beam'\), got 'beem'"),

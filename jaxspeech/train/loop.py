@@ -248,6 +248,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     "workdir"
                 ) from e
         writer.log(f"resumed from {ckpt.directory} at step {latest}")
+        change = _schedule_change(workdir, config, latest, schedule)
+        if change:
+            writer.log(change)
     writer.write_config(config)  # once the checkpoint (if any) has restored into this config
     if latest is None:
         writer.log(f"model: {state_lib.count_params(state):,} parameters; mesh {dict(mesh.shape)}")
@@ -379,6 +382,25 @@ def _params(model):
     from flax import nnx
 
     return nnx.state(model, nnx.Param)
+
+
+def _schedule_change(workdir: str, config, step: int, schedule) -> str | None:
+    """A note when a resume changes the learning rate at `step` (another train.num_steps
+    stretches a cosine schedule; another optim section), read against the `config.json` the
+    checkpoint was written with; None when the rate is the same (or that config lacks fields)."""
+    try:
+        old = evaluate_lib.load_config(workdir)
+        before = float(state_lib.learning_rate_schedule(old.optim, int(old.train.num_steps))(step))
+    except (FileNotFoundError, AttributeError, KeyError, ValueError):
+        return None
+    after = float(schedule(step))
+    if np.isclose(before, after, rtol=1e-6, atol=0.0):
+        return None
+    return (
+        f"note: the learning rate at step {step} changes from {before:.3g} to {after:.3g} on this "
+        f"resume (train.num_steps {old.train.num_steps} -> {config.train.num_steps}, or the optim "
+        "section): the rest of the run follows the new schedule, not the one it started with"
+    )
 
 
 def _warm_start_source(tc, workdir: str) -> str | None:
