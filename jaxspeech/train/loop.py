@@ -206,14 +206,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     left = data_lib.format_left_out(data_lib.left_out(train_pipe))
     writer.log(f"train data: {len(train_pipe.lengths)} records, left out: {left}")
     evaluate_lib.check_decoder(config.eval.decoder, "eval.decoder")
-    eval_pipeline(  # now, so that a wrong data.eval_split fails before any training
-        config,
-        config.data.eval_split,
-        tokenizer,
-        max_utterances=config.data.num_eval_utterances,
-        pipelines=eval_pipelines,
-        cache_dir=cache_dir,
-    )
+    validation = {  # the periodic evaluation's options
+        "max_utterances": config.data.num_eval_utterances,
+        "pipelines": eval_pipelines,
+        "cache_dir": cache_dir,
+    }
+    # built now, so that a wrong data.eval_split fails before any training
+    eval_pipeline(config, config.data.eval_split, tokenizer, **validation)
 
     # 4. state -----------------------------------------------------------------------------------
     mean = std = None
@@ -325,13 +324,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                         recognizer, graphdef, state, config, feature_cfg, quant_rules
                     )
                     report = evaluate_split(
-                        recognizer,
-                        config,
-                        config.data.eval_split,
-                        tokenizer,
-                        max_utterances=config.data.num_eval_utterances,
-                        pipelines=eval_pipelines,
-                        cache_dir=cache_dir,
+                        recognizer, config, config.data.eval_split, tokenizer, **validation
                     )
                     writer.write_scalars(
                         step, {k: report[k] for k in ("wer", "rtf")}, prefix="eval/"
