@@ -14,7 +14,6 @@ Phases (each fails with a clear message before training time is spent when its i
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import threading
 import time
@@ -23,13 +22,12 @@ import jax
 import numpy as np
 
 from jaxspeech import features
-from jaxspeech.data import tokenizers
 from jaxspeech.models import arbitrator as arbitrator_lib
 from jaxspeech.train import checkpoint as checkpoint_lib
 from jaxspeech.train import data as data_lib
 from jaxspeech.train import evaluate as evaluate_lib
 from jaxspeech.train import metrics as metrics_lib
-from jaxspeech.train import quantize
+from jaxspeech.train import quantize, warm_start
 from jaxspeech.train import sharding as sharding_lib
 from jaxspeech.train import state as state_lib
 from jaxspeech.train import step as step_lib
@@ -169,7 +167,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
             raise ValueError(f"train.{name} must be a positive number of steps, got {value!r}")
 
     # 2. data ------------------------------------------------------------------------------------
-    init = _warm_start_source(tc, workdir)
+    init = warm_start.source(tc, workdir)
     tokenizer = data_lib.build_tokenizer(config.data, workdir)
     mesh = sharding_lib.make_mesh(config.mesh)
     rules = sharding_lib.axis_rules(config.mesh)
@@ -188,7 +186,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     latest = ckpt.latest_step()
     init_model = None
     if latest is None and init is not None:
-        init_model = _load_init_model(init, description)
+        init_model = warm_start.load_model(init, description)
 
     divisor = sharding_lib.batch_divisor(mesh, rules)
     cache_dir = os.path.join(workdir, "cache")
@@ -396,31 +394,6 @@ def _schedule_change(workdir: str, config, step: int, schedule) -> str | None:
     )
 
 
-def _warm_start_source(tc, workdir: str) -> str | None:
-    """`train.init_from` (a trained workdir), after copying its tokenizer into `workdir` (or
-    checking that the tokenizer there is the same); None without one, or when `workdir` already
-    has checkpoints (a resume does not read `init_from`, which may be gone)."""
-    source = tc.get("init_from", "")
-    if not source:
-        return None
-    theirs, mine = os.path.join(source, "tokenizer"), os.path.join(workdir, "tokenizer")
-    checkpoints = os.path.join(workdir, "checkpoints")
-    if os.path.isdir(checkpoints) and any(n.isdigit() for n in os.listdir(checkpoints)):
-        return None
-    if not os.path.isdir(theirs):
-        raise FileNotFoundError(f"train.init_from={source!r} is not a trained workdir: no {theirs}")
-    if not os.path.exists(mine):
-        shutil.copytree(theirs, mine)
-    prints = {tokenizers.load_tokenizer(d).fingerprint() for d in (mine, theirs)}
-    if len(prints) > 1:
-        raise ValueError(
-            f"train.init_from={source!r} has another tokenizer than this workdir's ({mine}): its "
-            f"output layer would predict the wrong labels. Use a new workdir (its tokenizer is "
-            f"copied from {theirs}), or remove {mine}"
-        )
-    return source
-
-
 def _gate_temperature(model_cfg, tc):
     """The arbitrator gate temperature schedule (train.gate_temperature = (start, end),
     exponential over the run; 0 for the last train.hard_gate_steps: the inference
@@ -460,24 +433,6 @@ def _compute_budget(model_cfg, tc):
         int(tc.get("num_steps")),
         int(tc.get("hard_gate_steps", 0)),
     )
-
-
-def _load_init_model(source: str, description: dict):
-    """The trained model of `source`, checked to have this run's parameter shapes. This run may
-    add parameters (arbitrators on a trained transducer): those keep their initialization."""
-    trained = evaluate_lib.load_trained(source)
-    shapes = state_lib.param_shapes({"params": _params(trained.model)})
-    target = description["param_shapes"]
-    if any(target.get(path) != shape for path, shape in shapes.items()):
-        diffs = checkpoint_lib.describe_differences(
-            {"param_shapes": shapes},
-            {"param_shapes": {k: v for k, v in target.items() if k in shapes}},
-        )
-        raise checkpoint_lib.IncompatibleCheckpointError(
-            f"train.init_from={source!r} holds a different model (step {trained.step}); "
-            "differences:\n  " + "\n  ".join(diffs)
-        )
-    return trained.model
 
 
 def _recognizer(recognizer, graphdef, state, config, feature_cfg, quant_rules=None):
