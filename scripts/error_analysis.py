@@ -110,7 +110,7 @@ def main(argv=None):
     p.add_argument("--workdir", required=True)
     p.add_argument("--split", default="test")
     p.add_argument("--max_utterances", type=int, default=-1)
-    p.add_argument("--decoder", choices=("greedy", "beam"), default=None, help="default: config's")
+    p.add_argument("--decoder", choices=evaluate.DECODERS, default=None, help="default: config's")
     args = p.parse_args(argv)
     logging.set_verbosity(logging.WARNING)
 

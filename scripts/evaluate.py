@@ -28,7 +28,7 @@ def main(argv=None):
     where.add_argument("--manifest", help="a JSON-lines manifest to evaluate instead of a split")
     p.add_argument(
         "--decoder",
-        choices=("greedy", "beam"),
+        choices=evaluate.DECODERS,
         default=None,
         help="default: the config's eval.decoder",
     )

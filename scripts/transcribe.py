@@ -17,7 +17,7 @@ from jaxspeech.train import evaluate
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True)
-    p.add_argument("--decoder", choices=("greedy", "beam"), default="greedy")
+    p.add_argument("--decoder", choices=evaluate.DECODERS, default="greedy")
     p.add_argument(
         "--artifact", default=None, help="quantized artifact (a path, or a file in the workdir)"
     )

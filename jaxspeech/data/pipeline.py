@@ -246,7 +246,7 @@ class Pipeline:
                 self.batches_per_epoch,
             ]
             # only where it filters anything: plans from before `min_samples` keep their print
-            + ([self.spec.min_samples] if self.stats()["too_short"] else [])
+            + ([self.spec.min_samples] if np.any(self.reasons == bucketing.TOO_SHORT) else [])
         )
         return hashlib.sha1(key.encode()).hexdigest()[:16]
 

@@ -122,31 +122,8 @@ def lattice_logprobs(
         blank_id=blank_id,
         validate=validate,
     )
-    return _logprobs(
-        encoder_out,
-        predictor_out,
-        joint_fn,
-        labels,
-        logit_lengths,
-        label_lengths,
-        blank_id,
-        chunk,
-        with_rest,
-    )
-
-
-def _logprobs(
-    encoder_out,
-    predictor_out,
-    joint_fn,
-    labels,
-    logit_lengths,
-    label_lengths,
-    blank_id,
-    chunk,
-    with_rest=False,
-):
-    b, t, j = encoder_out.shape
+    # The lattice, joint chunk by joint chunk.
+    j = encoder_out.shape[2]
     logit_lengths = jnp.asarray(logit_lengths, jnp.int32)
     label_lengths = jnp.asarray(label_lengths, jnp.int32)
     # Zero the padding so that garbage there (even NaN) cannot reach the joint's gradients
